@@ -1,0 +1,385 @@
+"""`meterai up`: the whole system on one machine, as separate processes like in production.
+
+Embedded PostgreSQL, Redis and a Kafka-protocol broker start when no URLs are configured;
+migrations and topics are applied; then inventory, stamping, queue, N signing workers and the
+gateway start, each its own process under a supervisor. Data lives in the data directory, so the
+next `up` continues where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import secrets
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+
+from services.platform.embedded import (
+    EmbeddedKafka,
+    EmbeddedPostgres,
+    EmbeddedRedis,
+    ensure_databases,
+)
+from services.platform.kafka import TopicSpec, ensure_topics
+from services.platform.migrations import upgrade
+from services.platform.supervisor import ProcessSpec, ReadyCheck, Supervisor
+from services.stamping.config import StampingSettings
+from services.stamping.keys import SigningKeyPaths, create_development_keys
+
+SERVICES_DIR = Path(__file__).resolve().parent.parent / "services"
+DATABASES = {"inventory": "meterai_inventory", "stamping": "meterai_stamping"}
+STACK_FILE = "stack.json"
+
+
+class StackSettings(BaseSettings):
+    """Where the stack keeps its data and which external servers it uses (none: embedded)."""
+
+    model_config = SettingsConfigDict(env_prefix="METERAI_", extra="ignore")
+
+    data_dir: Path = Path(".meterai")
+    host: str = "127.0.0.1"
+    base_port: int = 8000
+    workers: int = 2
+    # A PostgreSQL server URL; the stack creates one database per service on it.
+    postgres_url: str | None = None
+    redis_url: str | None = None
+    kafka_bootstrap_servers: str | None = None
+
+
+@dataclass(frozen=True)
+class Ports:
+    gateway: int
+    queue: int
+    inventory: int
+    stamping: int
+    postgres: int
+    redis: int
+    kafka: int
+    first_worker: int
+
+    @classmethod
+    def from_base(cls, base: int) -> Ports:
+        return cls(
+            gateway=base,
+            queue=base + 1,
+            inventory=base + 2,
+            stamping=base + 3,
+            postgres=base + 32,
+            redis=base + 33,
+            kafka=base + 34,
+            first_worker=base + 10,
+        )
+
+
+@dataclass
+class Endpoints:
+    """Where each piece runs once the stack is up (written to `stack.json` for the CLI)."""
+
+    postgres_server: str
+    redis: str
+    kafka: str
+    services: dict[str, str] = field(default_factory=dict)
+
+
+def _secrets(data_dir: Path) -> dict[str, str]:
+    """Per-installation secrets, created on first use and kept across restarts."""
+    path = data_dir / "secrets.json"
+    if path.exists():
+        stored: dict[str, str] = json.loads(path.read_text())
+        return stored
+    values = {
+        "internal_secret": secrets.token_urlsafe(32),
+        "ops_token": secrets.token_urlsafe(24),
+    }
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        json.dump(values, handle)
+    return values
+
+
+def database_url(server_url: str, database: str) -> str:
+    """The URL of `database` on the server at `server_url`."""
+    return make_url(server_url).set(database=database).render_as_string(hide_password=False)
+
+
+def stack_env(data_dir: Path) -> dict[str, str]:
+    """The environment of a running local stack (for CLI commands), or {} if none runs."""
+    path = data_dir / STACK_FILE
+    if not path.exists():
+        return {}
+    env: dict[str, str] = json.loads(path.read_text())["env"]
+    return env
+
+
+class Stack:
+    def __init__(self, settings: StackSettings, announce: Callable[[str], None]) -> None:
+        self.settings = settings
+        self.announce = announce
+        self.data_dir = settings.data_dir.resolve()
+        self.ports = Ports.from_base(settings.base_port)
+        self.supervisor = Supervisor(announce)
+        self.logs = self.data_dir / "logs"
+
+    def _log(self, name: str) -> Path:
+        return self.logs / f"{name}.log"
+
+    async def start_infrastructure(self) -> Endpoints:
+        """Embedded servers for what is not configured; databases, migrations, topics."""
+        settings, host = self.settings, self.settings.host
+        specs: list[ProcessSpec] = []
+        postgres = settings.postgres_url
+        if postgres is None:
+            embedded_pg = EmbeddedPostgres(self.data_dir / "postgres", self.ports.postgres, host)
+            await asyncio.to_thread(embedded_pg.prepare)
+            specs.append(embedded_pg.spec(self._log("postgres")))
+            postgres = embedded_pg.url()
+        redis = settings.redis_url
+        if redis is None:
+            embedded_redis = EmbeddedRedis(self.data_dir / "redis", self.ports.redis, host)
+            specs.append(embedded_redis.spec(self._log("redis")))
+            redis = embedded_redis.url()
+        kafka = settings.kafka_bootstrap_servers
+        if kafka is None:
+            broker = EmbeddedKafka(self.ports.kafka, host)
+            spec = broker.spec(self._log("kafka"))
+            # This broker forgets its topics when it restarts: recreate them every time.
+            spec.on_ready = lambda: self._create_topics(broker.bootstrap_servers)
+            specs.append(spec)
+            kafka = broker.bootstrap_servers
+        if specs:
+            await self.supervisor.start_group(specs)
+        await ensure_databases(postgres, list(DATABASES.values()))
+        for service, database in DATABASES.items():
+            await asyncio.to_thread(
+                upgrade, SERVICES_DIR / service / "migrations", database_url(postgres, database)
+            )
+        self.announce("migrations applied")
+        if settings.kafka_bootstrap_servers is not None:
+            await self._create_topics(kafka)
+        return Endpoints(postgres_server=postgres, redis=redis, kafka=kafka)
+
+    async def _create_topics(self, bootstrap: str) -> None:
+        stamping = StampingSettings()
+        await ensure_topics(
+            bootstrap,
+            [
+                TopicSpec(stamping.requests_topic, stamping.requests_partitions),
+                TopicSpec(stamping.results_topic, stamping.results_partitions),
+            ],
+        )
+
+    def service_env(self, endpoints: Endpoints) -> dict[str, str]:
+        """Environment for every service process (each reads only its own prefix)."""
+        host, ports = self.settings.host, self.ports
+        keys = SigningKeyPaths.in_directory(self.data_dir / "keys")
+        secrets_ = _secrets(self.data_dir)
+        env = {
+            "METERAI_ENVIRONMENT": "development",
+            "METERAI_INTERNAL_SECRET": secrets_["internal_secret"],
+            "METERAI_PUBLIC_BASE_URL": f"http://{host}:{ports.gateway}",
+            "METERAI_KAFKA_BOOTSTRAP_SERVERS": endpoints.kafka,
+            "METERAI_GATEWAY_INVENTORY_URL": f"http://{host}:{ports.inventory}",
+            "METERAI_GATEWAY_QUEUE_URL": f"http://{host}:{ports.queue}",
+            "METERAI_GATEWAY_STAMPING_URL": f"http://{host}:{ports.stamping}",
+            "METERAI_GATEWAY_OPS_TOKEN": secrets_["ops_token"],
+            "METERAI_INVENTORY_DATABASE_URL": database_url(
+                endpoints.postgres_server, DATABASES["inventory"]
+            ),
+            "METERAI_QUEUE_REDIS_URL": endpoints.redis,
+            "METERAI_STAMPING_DATABASE_URL": database_url(
+                endpoints.postgres_server, DATABASES["stamping"]
+            ),
+            "METERAI_STAMPING_INVENTORY_URL": f"http://{host}:{ports.inventory}",
+            "METERAI_STAMPING_BLOB_STORE_URL": f"file://{self.data_dir / 'blobs'}",
+            "METERAI_STAMPING_SIGNING_KEY_PATH": str(keys.signer_key),
+            "METERAI_STAMPING_SIGNING_CERT_PATH": str(keys.signer_cert),
+            "METERAI_STAMPING_SIGNING_CHAIN_PATHS": json.dumps([str(keys.ca_cert)]),
+        }
+        # Settings the operator gave explicitly win over the stack's defaults.
+        return {name: os.environ.get(name, value) for name, value in env.items()}
+
+    def _uvicorn(self, name: str, factory: str, port: int, env: dict[str, str]) -> ProcessSpec:
+        host = self.settings.host
+        return ProcessSpec(
+            name=name,
+            argv=[
+                sys.executable,
+                "-m",
+                "services.platform.serve",
+                factory,
+                "--host",
+                host,
+                "--port",
+                str(port),
+            ],
+            env=env,
+            ready=_http_ok(f"http://{host}:{port}/livez"),
+            log_path=self._log(name),
+        )
+
+    async def start_services(self, endpoints: Endpoints) -> None:
+        env = self.service_env(endpoints)
+        keys = SigningKeyPaths.in_directory(self.data_dir / "keys")
+        if not keys.exist() and "METERAI_STAMPING_SIGNING_KEY_PATH" not in os.environ:
+            await asyncio.to_thread(create_development_keys, keys.directory)
+            self.announce(f"development signing keys created in {keys.directory}")
+        ports, host = self.ports, self.settings.host
+        await self.supervisor.start_group(
+            [
+                self._uvicorn("inventory", "services.inventory.app:create_app", ports.inventory, env),
+                self._uvicorn("stamping", "services.stamping.app:create_app", ports.stamping, env),
+                self._uvicorn("queue", "services.queue.app:create_app", ports.queue, env),
+            ]
+        )
+        workers = []
+        for index in range(self.settings.workers):
+            port = ports.first_worker + index
+            name = f"signer-{index + 1}"
+            workers.append(
+                ProcessSpec(
+                    name=name,
+                    argv=[
+                        sys.executable,
+                        "-m",
+                        "services.platform.serve",
+                        "services.stamping.worker:create_worker_app",
+                        "--host",
+                        host,
+                        "--port",
+                        str(port),
+                        "--graceful-seconds",
+                        "5",
+                    ],
+                    env={**env, "METERAI_STAMPING_WORKER_ID": name},
+                    ready=_http_ok(f"http://{host}:{port}/livez"),
+                    stop_timeout=30,
+                    log_path=self._log(name),
+                )
+            )
+        if workers:
+            await self.supervisor.start_group(workers)
+        await self.supervisor.start_group(
+            [self._uvicorn("gateway", "services.gateway.app:create_app", ports.gateway, env)]
+        )
+        endpoints.services = {
+            "gateway": f"http://{host}:{ports.gateway}",
+            "queue": f"http://{host}:{ports.queue}",
+            "inventory": f"http://{host}:{ports.inventory}",
+            "stamping": f"http://{host}:{ports.stamping}",
+        }
+        self._write_stack_file(endpoints, env)
+
+    def _write_stack_file(self, endpoints: Endpoints, env: dict[str, str]) -> None:
+        path = self.data_dir / STACK_FILE
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump(
+                {
+                    "pid": os.getpid(),
+                    "services": endpoints.services,
+                    "postgres": endpoints.postgres_server,
+                    "redis": endpoints.redis,
+                    "kafka": endpoints.kafka,
+                    "env": env,
+                },
+                handle,
+                indent=2,
+            )
+
+    async def stop(self) -> None:
+        (self.data_dir / STACK_FILE).unlink(missing_ok=True)
+        await self.supervisor.stop()
+
+
+def _http_ok(url: str) -> ReadyCheck:
+    """Ready check: `url` answers 2xx."""
+
+    async def check() -> None:
+        async with httpx.AsyncClient(timeout=2) as client:
+            response = await client.get(url)
+            response.raise_for_status()
+
+    return check
+
+
+def _lock(data_dir: Path) -> int:
+    """One `up` per data directory: a second one would fight over the same database."""
+    descriptor = os.open(data_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise RuntimeError(
+            f"another `meterai up` is already running on {data_dir}"
+        ) from None
+    return descriptor
+
+
+async def run_stack(settings: StackSettings, announce: Callable[[str], None]) -> int:
+    """Bring the stack up, print where it is, and run until SIGINT or SIGTERM."""
+    data_dir = settings.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lock = _lock(data_dir)
+    stack = Stack(settings, announce)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.create_task(_start(stack))
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done() and starting.exception() is None:
+            _print_summary(stack, starting.result(), announce)
+            await stopped
+        elif starting.done():
+            announce(f"failed to start: {starting.exception()}")
+            return 1
+        else:
+            starting.cancel()
+        return 0
+    finally:
+        announce("stopping…")
+        for task in (starting, stopped):
+            task.cancel()
+        await asyncio.gather(starting, stopped, return_exceptions=True)
+        await stack.stop()
+        os.close(lock)
+        announce("stopped; data kept in " + str(data_dir))
+
+
+async def _start(stack: Stack) -> Endpoints:
+    endpoints = await stack.start_infrastructure()
+    await stack.start_services(endpoints)
+    return endpoints
+
+
+def _print_summary(stack: Stack, endpoints: Endpoints, announce: Callable[[str], None]) -> None:
+    secrets_ = _secrets(stack.data_dir)
+    lines = [
+        "",
+        "Meterai is up.",
+        f"  gateway (public API): {endpoints.services['gateway']}",
+        f"  waiting room page:    {endpoints.services['gateway']}/",
+        f"  OpenAPI:              {endpoints.services['gateway']}/openapi.json",
+        f"  health:               {endpoints.services['gateway']}/healthz",
+        f"  ops token:            {secrets_['ops_token']}",
+        f"  signing workers:      {stack.settings.workers}",
+        f"  postgres:             {endpoints.postgres_server}",
+        f"  redis:                {endpoints.redis}",
+        f"  kafka:                {endpoints.kafka}",
+        f"  data and logs:        {stack.data_dir}",
+        "Create a distributor: meterai distributor create NAME --balance 1000000",
+        "Press Ctrl-C to stop.",
+    ]
+    for line in lines:
+        announce(line)

@@ -1,0 +1,106 @@
+"""The gateway: the single public entry to Meterai."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from services.gateway import openapi
+from services.gateway.auth import DistributorAuthenticator
+from services.gateway.config import GatewaySettings
+from services.gateway.proxy import proxy_endpoint
+from services.gateway.routes import ROUTES, Upstream
+from services.platform.app import create_service_app
+from services.platform.errors import ServiceUnavailable
+from services.platform.http import ServiceClient, create_http_client
+from services.platform.identity import Principal, PrincipalKind
+
+
+async def _service_health(client: httpx.AsyncClient) -> dict[str, Any]:
+    try:
+        response = await client.get("/healthz", timeout=3)
+        report: dict[str, Any] = response.json()
+        return report
+    except (httpx.HTTPError, ValueError) as exc:
+        return {"status": "fail", "error": f"unreachable: {type(exc).__name__}"}
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    """Build the gateway app; upstream clients are created in the lifespan."""
+    settings = settings or GatewaySettings()
+    urls = {
+        Upstream.inventory: settings.inventory_url,
+        Upstream.queue: settings.queue_url,
+        Upstream.stamping: settings.stamping_url,
+    }
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.upstreams = upstreams = {
+            name: create_http_client(url, timeout=settings.upstream_timeout_seconds)
+            for name, url in urls.items()
+        }
+        app.state.authenticator = DistributorAuthenticator(
+            ServiceClient(
+                upstreams[Upstream.inventory],
+                app.state.principal_codec,
+                Principal(PrincipalKind.service, "gateway"),
+            ),
+            ttl_seconds=settings.auth_cache_seconds,
+        )
+        app.state.openapi_document = None
+        try:
+            yield
+        finally:
+            await asyncio.gather(*(client.aclose() for client in upstreams.values()))
+
+    app = create_service_app(
+        service="gateway",
+        title="Meterai gateway",
+        settings=settings,
+        lifespan=lifespan,
+        routers=[],
+        include_healthz=False,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
+
+    @app.get("/healthz", include_in_schema=False)
+    async def system_health(request: Request) -> JSONResponse:
+        """The whole system: every service's own report, with its dependencies."""
+        upstreams: dict[Upstream, httpx.AsyncClient] = request.app.state.upstreams
+        names = list(upstreams)
+        reports = await asyncio.gather(*(_service_health(upstreams[name]) for name in names))
+        services = {"gateway": {"status": "ok"}} | {
+            name.value: report for name, report in zip(names, reports, strict=True)
+        }
+        ok = all(report.get("status") == "ok" for report in services.values())
+        return JSONResponse(
+            {"status": "ok" if ok else "fail", "services": services},
+            status_code=200 if ok else 503,
+        )
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_document(request: Request) -> JSONResponse:
+        """The public API, merged from the services (cached once every service answered)."""
+        state = request.app.state
+        if state.openapi_document is None:
+            documents = await openapi.fetch_documents(state.upstreams)
+            if not documents:
+                raise ServiceUnavailable("No service answered; try again shortly.")
+            merged = openapi.merge(documents)
+            if len(documents) == len(state.upstreams):
+                state.openapi_document = merged
+            return JSONResponse(merged)
+        return JSONResponse(state.openapi_document)
+
+    for route in ROUTES:
+        app.add_route(route.path, proxy_endpoint(route), methods=[route.method])
+    return app

@@ -1,0 +1,76 @@
+"""The public route table: every path the gateway exposes, who may call it, and where it goes.
+
+Only these routes reach the services; internal endpoints are never routable from outside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Upstream(StrEnum):
+    inventory = "inventory"
+    queue = "queue"
+    stamping = "stamping"
+
+
+class Access(StrEnum):
+    public = "public"  # anyone; no principal is forwarded
+    distributor = "distributor"  # a distributor API key
+    operator = "operator"  # the operations token
+
+
+class RouteClass(StrEnum):
+    """What a route costs the backend; shedding uses it (cheap reads are shed last)."""
+
+    read = "read"
+    write = "write"
+    upload = "upload"
+    room = "room"
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    upstream: Upstream
+    access: Access
+    route_class: RouteClass
+
+
+ROUTES: tuple[Route, ...] = (
+    # Waiting room.
+    Route("GET", "/", Upstream.queue, Access.public, RouteClass.room),
+    Route("POST", "/queue/join", Upstream.queue, Access.public, RouteClass.room),
+    Route("GET", "/queue/status", Upstream.queue, Access.public, RouteClass.room),
+    Route("GET", "/ops/queue", Upstream.queue, Access.operator, RouteClass.read),
+    Route("PATCH", "/ops/queue", Upstream.queue, Access.operator, RouteClass.write),
+    # Purchases.
+    Route("POST", "/api/v1/purchases", Upstream.inventory, Access.distributor, RouteClass.write),
+    Route(
+        "GET",
+        "/api/v1/purchases/{purchase_id}",
+        Upstream.inventory,
+        Access.distributor,
+        RouteClass.read,
+    ),
+    Route("GET", "/api/v1/balance", Upstream.inventory, Access.distributor, RouteClass.read),
+    Route("GET", "/api/v1/serials", Upstream.inventory, Access.distributor, RouteClass.read),
+    # Stamping.
+    Route("POST", "/api/v1/stampings", Upstream.stamping, Access.distributor, RouteClass.upload),
+    Route(
+        "GET",
+        "/api/v1/stampings/{job_id}",
+        Upstream.stamping,
+        Access.distributor,
+        RouteClass.read,
+    ),
+    Route(
+        "GET",
+        "/api/v1/stampings/{job_id}/document",
+        Upstream.stamping,
+        Access.distributor,
+        RouteClass.read,
+    ),
+)

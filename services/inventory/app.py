@@ -1,0 +1,62 @@
+"""The inventory service: serials, distributors' balances, purchases and payments."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+
+from fastapi import FastAPI
+
+from services.inventory.config import InventorySettings
+from services.inventory.consumer import StampingResultHandler
+from services.inventory.router import internal, router
+from services.platform.app import create_service_app
+from services.platform.db import check_database, create_engine, create_sessionmaker
+from services.platform.health import HealthChecks
+from services.platform.kafka import ConsumerLoop
+
+
+def create_app(settings: InventorySettings | None = None) -> FastAPI:
+    """Build the inventory app; clients are created in the lifespan, not here."""
+    settings = settings or InventorySettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_engine(settings.database_url, pool_size=settings.db_pool_size)
+        app.state.engine = engine
+        app.state.sessionmaker = sessionmaker = create_sessionmaker(engine)
+        consumer = ConsumerLoop(
+            bootstrap_servers=settings.kafka_bootstrap_servers,
+            topics=[settings.stamping_results_topic],
+            group_id=settings.consumer_group,
+            client_id="inventory",
+            handler=StampingResultHandler(sessionmaker),
+            concurrency=8,
+            max_batch=64,
+        )
+        await consumer.start()
+        consumer_task = asyncio.create_task(consumer.run(), name="stamping-results-consumer")
+
+        async def consumer_alive() -> None:
+            if consumer_task.done():
+                raise RuntimeError("the stamping-results consumer stopped")
+
+        health: HealthChecks = app.state.health
+        health.add("database", lambda: check_database(engine))
+        health.add("kafka_consumer", consumer_alive)
+        try:
+            yield
+        finally:
+            consumer.request_stop()
+            with suppress(asyncio.CancelledError):
+                await asyncio.wait_for(consumer_task, timeout=30)
+            await engine.dispose()
+
+    return create_service_app(
+        service="inventory",
+        title="Meterai inventory",
+        settings=settings,
+        lifespan=lifespan,
+        routers=[router, internal],
+    )

@@ -1,0 +1,122 @@
+"""Inventory tables: distributors and their keys, serials, purchases, and the money ledger."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Uuid,
+    func,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from services.platform.db import make_metadata
+from services.platform.idempotency import idempotency_table
+
+
+class Base(DeclarativeBase):
+    metadata = make_metadata()
+
+
+idempotency_keys = idempotency_table(Base.metadata)
+
+
+class SerialState(StrEnum):
+    available = "available"
+    reserved = "reserved"
+    sold = "sold"
+    used = "used"
+
+
+class PurchaseStatus(StrEnum):
+    pending_payment = "pending_payment"
+    paid = "paid"
+    expired = "expired"
+
+
+class Distributor(Base):
+    __tablename__ = "distributors"
+    __table_args__ = (CheckConstraint("balance >= 0", name="balance_not_negative"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    # Rupiah, whole units: the only price is Rp 10,000 and nothing is ever fractional.
+    balance: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    distributor_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("distributors.id"), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(20))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Serial(Base):
+    __tablename__ = "serials"
+    __table_args__ = (
+        # The purchase hot path picks any available serial; keep that index small.
+        Index(
+            "ix_serials_available",
+            "serial",
+            postgresql_where=text("state = 'available'"),
+        ),
+        Index("ix_serials_owner_state", "owner", "state"),
+        Index("uq_serials_job_id", "job_id", unique=True),
+    )
+
+    serial: Mapped[str] = mapped_column(String(22), primary_key=True)
+    state: Mapped[SerialState] = mapped_column(
+        Enum(SerialState, name="serial_state", native_enum=True), default=SerialState.available
+    )
+    owner: Mapped[str | None] = mapped_column(String(100))
+    purchase_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("purchases.id"))
+    # The stamping job this serial is (or was) affixed by; one serial, one job, ever.
+    job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    minted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    sold_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Purchase(Base):
+    __tablename__ = "purchases"
+    __table_args__ = (CheckConstraint("quantity > 0", name="quantity_positive"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    owner: Mapped[str] = mapped_column(String(100), index=True)
+    quantity: Mapped[int] = mapped_column(Integer)
+    unit_price: Mapped[int] = mapped_column(BigInteger)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[PurchaseStatus] = mapped_column(
+        Enum(PurchaseStatus, name="purchase_status", native_enum=True)
+    )
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    paid_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class LedgerEntry(Base):
+    """One leg of a balanced money movement; the legs of a `txn_id` sum to zero."""
+
+    __tablename__ = "ledger_entries"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    txn_id: Mapped[uuid.UUID] = mapped_column(Uuid, index=True)
+    account: Mapped[str] = mapped_column(String(120), index=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    memo: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

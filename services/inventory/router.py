@@ -1,0 +1,204 @@
+"""Inventory HTTP routes: the public purchase API and internal calls from other services."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse
+
+from services.inventory import repository as repo
+from services.inventory import service
+from services.inventory.config import InventorySettings
+from services.inventory.models import SerialState, idempotency_keys
+from services.inventory.schemas import (
+    AuthenticatedDistributor,
+    AuthenticateIn,
+    BalanceOut,
+    ClaimIn,
+    ClaimOut,
+    PurchaseCreate,
+    PurchaseOut,
+    ReleaseIn,
+    SerialOut,
+    SerialPage,
+    StampCounts,
+)
+from services.platform.db import SessionDep
+from services.platform.errors import Forbidden, NotFound
+from services.platform.idempotency import (
+    IdempotencyStore,
+    canonical_json,
+    request_fingerprint,
+)
+from services.platform.identity import CallingService, CurrentPrincipal, Principal, PrincipalKind
+
+router = APIRouter(tags=["purchases"])
+internal = APIRouter(prefix="/internal/v1", include_in_schema=False)
+idempotency = IdempotencyStore(idempotency_keys)
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        description="Same key and body replays the first response; another body is refused.",
+    ),
+]
+
+
+def _settings(request: Request) -> InventorySettings:
+    settings: InventorySettings = request.app.state.settings
+    return settings
+
+
+def _distributor_id(principal: Principal) -> uuid.UUID:
+    if principal.kind is not PrincipalKind.distributor:
+        raise Forbidden("This endpoint is for distributors.")
+    return uuid.UUID(principal.subject)
+
+
+def _purchase_out(purchase: Any, serials: list[str]) -> PurchaseOut:
+    return PurchaseOut(
+        id=purchase.id,
+        status=purchase.status,
+        quantity=purchase.quantity,
+        unit_price=purchase.unit_price,
+        amount=purchase.amount,
+        serials=serials,
+        created_at=purchase.created_at,
+        paid_at=purchase.paid_at,
+    )
+
+
+@router.post(
+    "/api/v1/purchases",
+    status_code=201,
+    response_model=PurchaseOut,
+    summary="Buy stamps",
+    responses={409: {"description": "`insufficient_balance` or `sold_out`"}},
+)
+async def create_purchase(
+    body: PurchaseCreate,
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    request: Request,
+    idempotency_key: IdempotencyKey = None,
+) -> Any:
+    """Debit the prepaid balance and allocate `quantity` serials in one transaction."""
+    distributor_id = _distributor_id(principal)
+    settings = _settings(request)
+    if body.quantity > settings.max_quantity_per_purchase:
+        raise service.QuantityTooLarge(
+            f"At most {settings.max_quantity_per_purchase} stamps per purchase.",
+            extra={"max_quantity": settings.max_quantity_per_purchase},
+        )
+    if idempotency_key is not None:
+        replay = await idempotency.claim(
+            session,
+            owner=principal.owner_key,
+            key=idempotency_key,
+            request_hash=request_fingerprint("POST /api/v1/purchases", canonical_json(body.model_dump())),
+        )
+        if replay is not None:
+            return JSONResponse(
+                replay.body, status_code=replay.status_code, headers={"Idempotent-Replayed": "true"}
+            )
+    result = await service.purchase_for_distributor(
+        session,
+        distributor_id=distributor_id,
+        quantity=body.quantity,
+        unit_price=settings.stamp_price_rupiah,
+    )
+    await session.refresh(result.purchase, ["created_at"])
+    out = _purchase_out(result.purchase, result.serials)
+    if idempotency_key is not None:
+        await idempotency.record(
+            session,
+            owner=principal.owner_key,
+            key=idempotency_key,
+            status_code=201,
+            body=out.model_dump(mode="json"),
+        )
+    return out
+
+
+@router.get("/api/v1/purchases/{purchase_id}", response_model=PurchaseOut, summary="A purchase")
+async def get_purchase(
+    purchase_id: uuid.UUID, principal: CurrentPrincipal, session: SessionDep
+) -> PurchaseOut:
+    """The purchase and its serials (404 for purchases of other callers)."""
+    purchase = await repo.get_purchase(session, purchase_id)
+    if purchase is None or purchase.owner != principal.owner_key:
+        raise NotFound("No such purchase.")
+    return _purchase_out(purchase, await repo.serials_of_purchase(session, purchase_id))
+
+
+@router.get("/api/v1/balance", response_model=BalanceOut, summary="Balance and stamp counts")
+async def get_balance(
+    principal: CurrentPrincipal, session: SessionDep, request: Request
+) -> BalanceOut:
+    """The prepaid balance and how many stamps are reserved, unused and used."""
+    distributor = await repo.get_distributor(session, _distributor_id(principal))
+    if distributor is None:
+        raise NotFound("No such distributor.")
+    counts = await repo.serial_counts(session, owner=principal.owner_key)
+    return BalanceOut(
+        distributor_id=distributor.id,
+        name=distributor.name,
+        balance=distributor.balance,
+        stamp_price=_settings(request).stamp_price_rupiah,
+        stamps=StampCounts(reserved=counts["reserved"], sold=counts["sold"], used=counts["used"]),
+    )
+
+
+@router.get("/api/v1/serials", response_model=SerialPage, summary="Your serials")
+async def list_serials(
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    state: SerialState | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: Annotated[str | None, Query(pattern=r"^[0-9A-Z]{22}$")] = None,
+) -> SerialPage:
+    """Serials owned by the caller, optionally in one state, in pages ordered by serial."""
+    rows = await repo.list_serials(
+        session, owner=principal.owner_key, state=state, limit=limit, after=after
+    )
+    items = [
+        SerialOut(
+            serial=row.serial,
+            state=row.state,
+            purchase_id=row.purchase_id,
+            job_id=row.job_id,
+            sold_at=row.sold_at,
+            used_at=row.used_at,
+        )
+        for row in rows
+    ]
+    return SerialPage(items=items, next_cursor=items[-1].serial if len(items) == limit else None)
+
+
+@internal.post("/authenticate", response_model=AuthenticatedDistributor)
+async def authenticate(
+    body: AuthenticateIn, _: CallingService, session: SessionDep
+) -> AuthenticatedDistributor:
+    """The gateway asks who holds an API key (by its hash)."""
+    distributor = await repo.distributor_by_key_hash(session, body.key_hash)
+    if distributor is None:
+        raise service.InvalidApiKey("Unknown or revoked API key.")
+    return AuthenticatedDistributor(distributor_id=distributor.id, name=distributor.name)
+
+
+@internal.post("/serials/claim", response_model=ClaimOut)
+async def claim_serial(body: ClaimIn, _: CallingService, session: SessionDep) -> ClaimOut:
+    """Stamping reserves an owned, unused serial for a job (idempotent per job)."""
+    serial = await service.claim_serial(
+        session, owner=body.owner, job_id=body.job_id, serial=body.serial
+    )
+    return ClaimOut(serial=serial)
+
+
+@internal.post("/serials/release", status_code=204)
+async def release_serial(body: ReleaseIn, _: CallingService, session: SessionDep) -> None:
+    """Stamping gives back the serial of a job that will not run."""
+    await service.release_serial(session, body.job_id)

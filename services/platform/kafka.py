@@ -1,0 +1,246 @@
+"""aiokafka helpers: topic creation, a producer with safe defaults, and a consumer loop that
+commits only after processing (at-least-once; handlers must be idempotent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
+from aiokafka.errors import (
+    CommitFailedError,
+    IncompatibleBrokerVersion,
+    KafkaError,
+    TopicAlreadyExistsError,
+)
+
+log = structlog.get_logger(__name__)
+
+Headers = list[tuple[str, bytes]]
+MessageHandler = Callable[[ConsumerRecord[bytes, bytes]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """A topic the owning service needs; `partitions` bounds how many consumers can share it."""
+
+    name: str
+    partitions: int
+    replication_factor: int = 1
+    config: dict[str, str] = field(default_factory=dict)
+
+
+async def ensure_topics(bootstrap_servers: str, topics: Iterable[TopicSpec]) -> None:
+    """Create missing topics and grow partitions that are too few; idempotent."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="meterai-admin")
+    await admin.start()
+    try:
+        wanted = {spec.name: spec for spec in topics}
+        # List before describing: describing a missing topic makes brokers with topic
+        # auto-creation create it with their default partition count.
+        present = set(await admin.list_topics()) & set(wanted)
+        current = {
+            meta["topic"]: len(meta.get("partitions", []))
+            for meta in (await admin.describe_topics(sorted(present)) if present else [])
+            if meta.get("error_code", 0) == 0
+        }
+        missing = [spec for name, spec in wanted.items() if name not in current]
+        if missing:
+            try:
+                await admin.create_topics(
+                    [
+                        NewTopic(
+                            name=spec.name,
+                            num_partitions=spec.partitions,
+                            replication_factor=spec.replication_factor,
+                            topic_configs=spec.config,
+                        )
+                        for spec in missing
+                    ]
+                )
+            except TopicAlreadyExistsError:
+                pass  # another replica won the race
+        grow = {
+            name: NewPartitions(total_count=spec.partitions)
+            for name, spec in wanted.items()
+            if 0 < current.get(name, spec.partitions) < spec.partitions
+        }
+        if grow:
+            try:
+                await admin.create_partitions(grow)
+            except IncompatibleBrokerVersion:
+                # Some Kafka-protocol brokers (the embedded one) cannot grow topics; more
+                # consumers than partitions then sit idle, which is worth a loud warning.
+                log.warning("cannot_grow_partitions", topics=sorted(grow))
+    finally:
+        await admin.close()
+
+
+def create_producer(bootstrap_servers: str, *, client_id: str) -> AIOKafkaProducer:
+    """A producer that waits for all in-sync replicas.
+
+    Idempotence stays off: the embedded test broker rejects it, and every consumer here is
+    idempotent anyway (the truth lives in PostgreSQL, not in the log).
+    """
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap_servers,
+        client_id=client_id,
+        acks="all",
+        linger_ms=2,
+        request_timeout_ms=15_000,
+        enable_idempotence=False,
+    )
+
+
+async def check_kafka(producer: AIOKafkaProducer, topic: str) -> None:
+    """Health check: the broker answers a metadata request for `topic`."""
+    partitions = await producer.partitions_for(topic)
+    if not partitions:
+        raise RuntimeError(f"topic {topic} has no partitions")
+
+
+class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, loop: ConsumerLoop) -> None:
+        self.loop = loop
+
+    async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        await self.loop.commit_processed()
+
+    async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        log.info("partitions_assigned", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
+
+
+class ConsumerLoop:
+    """Fetch batches, process each message (at most `concurrency` at once), then commit.
+
+    Offsets are committed only for messages whose handler returned, so a crash at any point
+    leads to redelivery, never to loss. `stop()` stops fetching, lets in-flight messages finish
+    within `grace_seconds`, commits and closes the consumer.
+    """
+
+    def __init__(
+        self,
+        *,
+        bootstrap_servers: str,
+        topics: Sequence[str],
+        group_id: str,
+        client_id: str,
+        handler: MessageHandler,
+        concurrency: int = 1,
+        max_batch: int = 16,
+        grace_seconds: float = 20.0,
+        retry_backoff_seconds: float = 1.0,
+        consumer_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.topics = list(topics)
+        self.handler = handler
+        self.concurrency = concurrency
+        self.max_batch = max_batch
+        self.grace_seconds = grace_seconds
+        self.retry_backoff_seconds = retry_backoff_seconds
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap_servers,
+            group_id=group_id,
+            client_id=client_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=max_batch,
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=1_000,
+            # Signing a large document can take a while; stay in the group meanwhile.
+            max_poll_interval_ms=300_000,
+            **(consumer_options or {}),
+        )
+        self._processed: dict[TopicPartition, int] = {}
+        self._stopping = asyncio.Event()
+        self._semaphore = asyncio.Semaphore(concurrency)
+
+    async def start(self) -> None:
+        """Connect and join the consumer group."""
+        await self.consumer.start()
+        self.consumer.subscribe(self.topics, listener=_CommitOnRevoke(self))
+
+    def request_stop(self) -> None:
+        """Stop fetching new batches (safe to call from a signal handler)."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Process until `request_stop()`; always commits what finished and stops the consumer."""
+        try:
+            while not self._stopping.is_set():
+                batches = await self.consumer.getmany(timeout_ms=500, max_records=self.max_batch)
+                if not batches:
+                    continue
+                failed = await self._process(batches)
+                await self.commit_processed()
+                if failed:
+                    await asyncio.sleep(self.retry_backoff_seconds)
+        finally:
+            try:
+                await self.commit_processed()
+            finally:
+                await self.consumer.stop()
+
+    async def _process(
+        self, batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+    ) -> bool:
+        """Handle a fetched batch; returns True when some message must be fetched again."""
+        tasks = {
+            asyncio.create_task(self._handle(record)): record
+            for batch in batches.values()
+            for record in batch
+        }
+        timeout = self.grace_seconds if self._stopping.is_set() else None
+        done, pending = await asyncio.wait(tasks, timeout=timeout)
+        for task in pending:
+            # Past the grace period: abandon; uncommitted messages are redelivered elsewhere.
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        first_failed: dict[TopicPartition, int] = {}
+        for task, record in tasks.items():
+            tp = TopicPartition(record.topic, record.partition)
+            if task in done and task.exception() is None:
+                continue
+            if task in done:
+                log.error(
+                    "message_handler_failed",
+                    topic=record.topic,
+                    partition=record.partition,
+                    offset=record.offset,
+                    error=repr(task.exception()),
+                )
+            first_failed[tp] = min(first_failed.get(tp, record.offset), record.offset)
+        for tp, offset in first_failed.items():
+            # Commit no further than the first unfinished message and fetch it again; later
+            # messages that did finish are redelivered too, which idempotent handlers absorb.
+            self._processed[tp] = offset
+            if tp in self.consumer.assignment():
+                self.consumer.seek(tp, offset)
+        return bool(first_failed)
+
+    async def _handle(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        async with self._semaphore:
+            # The handler owns retries and failure bookkeeping for bad messages; an exception
+            # escaping it is an outage (database, storage) and the message must be retried.
+            await self.handler(record)
+        tp = TopicPartition(record.topic, record.partition)
+        self._processed[tp] = max(self._processed.get(tp, -1), record.offset + 1)
+
+    async def commit_processed(self) -> None:
+        """Commit `offset + 1` of every processed message for still-assigned partitions."""
+        assigned = self.consumer.assignment()
+        offsets = {tp: offset for tp, offset in self._processed.items() if tp in assigned}
+        self._processed.clear()
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+        except (CommitFailedError, KafkaError) as exc:
+            # A rebalance took the partition away; the new owner re-processes (idempotently).
+            log.warning("commit_failed", error=repr(exc))

@@ -1,0 +1,52 @@
+"""Stamping settings (environment prefix `METERAI_STAMPING_`), shared by API, relay and workers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import SettingsConfigDict
+
+from services.platform.settings import ServiceSettings
+
+
+class StampingSettings(ServiceSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="METERAI_STAMPING_", extra="ignore", populate_by_name=True
+    )
+
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/meterai_stamping"
+    kafka_bootstrap_servers: str = Field(
+        default="127.0.0.1:9092",
+        validation_alias=AliasChoices(
+            "METERAI_STAMPING_KAFKA_BOOTSTRAP_SERVERS", "METERAI_KAFKA_BOOTSTRAP_SERVERS"
+        ),
+    )
+    inventory_url: str = "http://127.0.0.1:8002"
+    blob_store_url: str = "file:///var/lib/meterai/blobs"
+
+    requests_topic: str = "stamping.requests"
+    results_topic: str = "stamping.results"
+    # At least the largest number of signing workers you will run: extra workers sit idle.
+    requests_partitions: int = 24
+    results_partitions: int = 6
+    worker_group: str = "signing-workers"
+
+    max_upload_bytes: int = 20 * 1024 * 1024
+    db_pool_size: int = 10
+
+    # Outbox relay: how often it looks for unsent messages, and when a job that has not
+    # finished is published again (the broker may have lost it).
+    relay_interval_seconds: float = 0.05
+    republish_after_seconds: float = 30.0
+
+    # Signing workers.
+    signing_key_path: Path = Path("keys/signer-key.pem")
+    signing_cert_path: Path = Path("keys/signer.pem")
+    signing_chain_paths: list[Path] = Field(default_factory=lambda: [Path("keys/ca.pem")])
+    signing_key_passphrase: str | None = None
+    worker_concurrency: int = 2
+    worker_lease_seconds: float = 30.0
+    worker_max_attempts: int = 5
+    worker_grace_seconds: float = 20.0
+    worker_id: str = ""

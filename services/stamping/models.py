@@ -1,0 +1,114 @@
+"""Stamping tables: jobs and the outbox that hands them to Kafka."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Enum,
+    Float,
+    Index,
+    Integer,
+    String,
+    Text,
+    Uuid,
+    func,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from services.platform.db import make_metadata
+from services.platform.idempotency import idempotency_table
+
+
+class Base(DeclarativeBase):
+    metadata = make_metadata()
+
+
+idempotency_keys = idempotency_table(Base.metadata)
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    signing = "signing"
+    done = "done"
+    failed = "failed"
+
+
+UNFINISHED = (JobStatus.queued, JobStatus.signing)
+
+
+class StampingJob(Base):
+    __tablename__ = "stamping_jobs"
+    __table_args__ = (
+        # A serial is affixed by one job; a failed job gives it back for another try.
+        Index(
+            "uq_stamping_jobs_serial",
+            "serial",
+            unique=True,
+            postgresql_where=text("status <> 'failed'"),
+        ),
+        # The relay's sweep for jobs the broker may have lost looks only at unfinished ones.
+        Index(
+            "ix_stamping_jobs_unfinished",
+            "updated_at",
+            postgresql_where=text("status IN ('queued', 'signing')"),
+        ),
+        Index("ix_stamping_jobs_owner_created", "owner", "created_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    owner: Mapped[str] = mapped_column(String(100))
+    serial: Mapped[str] = mapped_column(String(22))
+    status: Mapped[JobStatus] = mapped_column(
+        Enum(JobStatus, name="job_status", native_enum=True), default=JobStatus.queued
+    )
+    page: Mapped[int] = mapped_column(Integer, doc="0-based page index, resolved at upload")
+    llx: Mapped[float] = mapped_column(Float)
+    lly: Mapped[float] = mapped_column(Float)
+    urx: Mapped[float] = mapped_column(Float)
+    ury: Mapped[float] = mapped_column(Float)
+    input_key: Mapped[str] = mapped_column(String(200))
+    input_sha256: Mapped[str] = mapped_column(String(64))
+    input_bytes: Mapped[int] = mapped_column(BigInteger)
+    output_key: Mapped[str | None] = mapped_column(String(200))
+    output_sha256: Mapped[str | None] = mapped_column(String(64))
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_detail: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(100))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class OutboxMessage(Base):
+    """A Kafka message written in the same transaction as the change it announces."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    topic: Mapped[str] = mapped_column(String(200))
+    key: Mapped[str] = mapped_column(String(200))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    headers: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class WorkerHeartbeat(Base):
+    """Signing workers say they are alive, so health reports can count them."""
+
+    __tablename__ = "worker_heartbeats"
+
+    worker_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    jobs_done: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -1,0 +1,160 @@
+"""All stamping SQL: jobs, their leases, and the outbox."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, func, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.stamping.models import (
+    UNFINISHED,
+    JobStatus,
+    OutboxMessage,
+    StampingJob,
+    WorkerHeartbeat,
+)
+
+
+async def add_outbox(
+    session: AsyncSession,
+    topic: str,
+    key: str,
+    payload: dict[str, Any],
+    headers: dict[str, str] | None = None,
+) -> None:
+    """Queue a message to be published once the surrounding transaction commits."""
+    await session.execute(
+        insert(OutboxMessage).values(topic=topic, key=key, payload=payload, headers=headers or {})
+    )
+
+
+async def take_outbox_batch(session: AsyncSession, limit: int) -> list[OutboxMessage]:
+    """Oldest unsent messages, locked so that relay replicas never publish the same batch."""
+    rows = await session.execute(
+        select(OutboxMessage)
+        .order_by(OutboxMessage.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return list(rows.scalars().all())
+
+
+async def delete_outbox(session: AsyncSession, ids: Sequence[int]) -> None:
+    await session.execute(delete(OutboxMessage).where(OutboxMessage.id.in_(ids)))
+
+
+async def get_job(session: AsyncSession, job_id: uuid.UUID) -> StampingJob | None:
+    return await session.get(StampingJob, job_id)
+
+
+async def lease_job(
+    session: AsyncSession, job_id: uuid.UUID, *, worker_id: str, lease: timedelta
+) -> StampingJob | None:
+    """Take a queued job, or one whose previous worker's lease ran out; None if neither."""
+    now = func.now()
+    row = await session.execute(
+        update(StampingJob)
+        .where(
+            StampingJob.id == job_id,
+            or_(
+                StampingJob.status == JobStatus.queued,
+                (StampingJob.status == JobStatus.signing) & (StampingJob.lease_expires_at < now),
+            ),
+        )
+        .values(
+            status=JobStatus.signing,
+            attempts=StampingJob.attempts + 1,
+            lease_owner=worker_id,
+            lease_expires_at=now + lease,
+            started_at=func.coalesce(StampingJob.started_at, now),
+            updated_at=now,
+        )
+        .returning(StampingJob)
+    )
+    return row.scalar_one_or_none()
+
+
+async def finish_job(
+    session: AsyncSession,
+    job_id: uuid.UUID,
+    *,
+    worker_id: str,
+    status: JobStatus,
+    output_key: str | None = None,
+    output_sha256: str | None = None,
+    error_code: str | None = None,
+    error_detail: str | None = None,
+) -> StampingJob | None:
+    """Record the outcome if this worker still holds the lease; None if it lost it."""
+    row = await session.execute(
+        update(StampingJob)
+        .where(
+            StampingJob.id == job_id,
+            StampingJob.status == JobStatus.signing,
+            StampingJob.lease_owner == worker_id,
+        )
+        .values(
+            status=status,
+            output_key=output_key,
+            output_sha256=output_sha256,
+            error_code=error_code,
+            error_detail=error_detail,
+            lease_owner=None,
+            lease_expires_at=None,
+            finished_at=func.now(),
+            updated_at=func.now(),
+        )
+        .returning(StampingJob)
+    )
+    return row.scalar_one_or_none()
+
+
+async def stale_unfinished_jobs(
+    session: AsyncSession, *, older_than: datetime, limit: int
+) -> list[StampingJob]:
+    """Unfinished jobs nobody touched since `older_than` whose lease (if any) ran out."""
+    rows = await session.execute(
+        select(StampingJob)
+        .where(
+            StampingJob.status.in_(UNFINISHED),
+            StampingJob.updated_at < older_than,
+            or_(
+                StampingJob.lease_expires_at.is_(None),
+                StampingJob.lease_expires_at < func.now(),
+            ),
+        )
+        .order_by(StampingJob.updated_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return list(rows.scalars().all())
+
+
+async def touch_jobs(session: AsyncSession, job_ids: Sequence[uuid.UUID]) -> None:
+    await session.execute(
+        update(StampingJob).where(StampingJob.id.in_(job_ids)).values(updated_at=func.now())
+    )
+
+
+async def beat(session: AsyncSession, worker_id: str, jobs_done: int) -> None:
+    """Record that a worker is alive."""
+    statement = pg_insert(WorkerHeartbeat).values(worker_id=worker_id, jobs_done=jobs_done)
+    await session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[WorkerHeartbeat.worker_id],
+            set_={"seen_at": func.now(), "jobs_done": statement.excluded.jobs_done},
+        )
+    )
+
+
+async def live_workers(session: AsyncSession, since: datetime) -> int:
+    """How many workers reported since `since`."""
+    count = await session.scalar(
+        select(func.count()).select_from(WorkerHeartbeat).where(WorkerHeartbeat.seen_at >= since)
+    )
+    return int(count or 0)

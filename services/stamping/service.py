@@ -1,0 +1,166 @@
+"""Accepting a stamping job: validate the document, claim a serial, store, enqueue."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from services.platform.blobs import BlobStore
+from services.platform.db import transaction
+from services.platform.errors import MeteraiError
+from services.platform.idempotency import IdempotencyStore, StoredResponse, request_fingerprint
+from services.platform.identity import Principal
+from services.stamping import repository as repo
+from services.stamping.inventory_client import InventoryClient
+from services.stamping.messages import StampingRequested
+from services.stamping.models import JobStatus, StampingJob, idempotency_keys
+from services.stamping.signing import DocumentRejected, StampBox, inspect_document
+
+log = structlog.get_logger(__name__)
+idempotency = IdempotencyStore(idempotency_keys)
+
+
+class InvalidDocument(MeteraiError):
+    """The upload cannot be stamped; `code` says why (`invalid_pdf`, `encrypted_pdf`...)."""
+
+    status = 422
+    title = "Document cannot be stamped"
+
+    def __init__(self, rejection: DocumentRejected) -> None:
+        super().__init__(rejection.detail)
+        self.code = rejection.code
+
+
+@dataclass(frozen=True)
+class StampingOrder:
+    """A validated upload: the document and where the stamp goes."""
+
+    document: bytes
+    serial: str | None
+    page: int | None
+    box: StampBox | None
+    callback_url: str | None
+
+    def fingerprint(self) -> str:
+        """What makes two uploads the same request (for Idempotency-Key)."""
+        box = self.box and (self.box.llx, self.box.lly, self.box.urx, self.box.ury)
+        return request_fingerprint(
+            "POST /api/v1/stampings",
+            hashlib.sha256(self.document).hexdigest(),
+            repr((self.serial, self.page, box, self.callback_url)),
+        )
+
+
+@dataclass(frozen=True)
+class Accepted:
+    job: StampingJob | None
+    replay: StoredResponse | None
+
+
+def input_key(job_id: uuid.UUID) -> str:
+    return f"inputs/{job_id}.pdf"
+
+
+def output_key(job_id: uuid.UUID) -> str:
+    return f"outputs/{job_id}.pdf"
+
+
+async def accept(
+    *,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    blobs: BlobStore,
+    inventory: InventoryClient,
+    principal: Principal,
+    order: StampingOrder,
+    idempotency_key: str | None,
+    requests_topic: str,
+    render: Any,
+) -> Accepted:
+    """Accept a job: one transaction writes the job, its outbox message and the idempotency
+    record; the serial claimed at inventory is given back if anything after the claim fails.
+
+    `render(job)` builds the response body recorded for idempotent replays.
+    """
+    job_id = uuid.uuid4()
+    claimed = False
+    try:
+        async with transaction(sessionmaker) as session:
+            if idempotency_key is not None:
+                replay = await idempotency.claim(
+                    session,
+                    owner=principal.owner_key,
+                    key=idempotency_key,
+                    request_hash=order.fingerprint(),
+                )
+                if replay is not None:
+                    return Accepted(job=None, replay=replay)
+            try:
+                page, box = await asyncio.to_thread(
+                    inspect_document, order.document, order.page, order.box
+                )
+            except DocumentRejected as rejection:
+                raise InvalidDocument(rejection) from rejection
+            serial = await inventory.claim_serial(
+                owner=principal.owner_key, job_id=job_id, serial=order.serial
+            )
+            claimed = True
+            await blobs.put(input_key(job_id), order.document)
+            job = StampingJob(
+                id=job_id,
+                owner=principal.owner_key,
+                serial=serial,
+                status=JobStatus.queued,
+                page=page,
+                llx=box.llx,
+                lly=box.lly,
+                urx=box.urx,
+                ury=box.ury,
+                input_key=input_key(job_id),
+                input_sha256=hashlib.sha256(order.document).hexdigest(),
+                input_bytes=len(order.document),
+                callback_url=order.callback_url,
+                attempts=0,
+            )
+            session.add(job)
+            await session.flush()
+            await session.refresh(job)
+            await repo.add_outbox(
+                session,
+                requests_topic,
+                str(job_id),
+                StampingRequested(job_id=job_id).model_dump(mode="json"),
+                headers=_trace_headers(),
+            )
+            if idempotency_key is not None:
+                await idempotency.record(
+                    session,
+                    owner=principal.owner_key,
+                    key=idempotency_key,
+                    status_code=202,
+                    body=render(job),
+                )
+        log.info("stamping_accepted", job_id=str(job_id), serial=serial, bytes=len(order.document))
+        return Accepted(job=job, replay=None)
+    except BaseException:
+        if claimed:
+            await _give_back(inventory, job_id)
+        raise
+
+
+async def _give_back(inventory: InventoryClient, job_id: uuid.UUID) -> None:
+    try:
+        await inventory.release_serial(job_id)
+    except MeteraiError as exc:
+        # The claim stays with a job that does not exist; reconciliation releases it.
+        log.error("serial_release_failed", job_id=str(job_id), error=exc.detail)
+
+
+def _trace_headers() -> dict[str, str]:
+    request_id = structlog.contextvars.get_contextvars().get("request_id")
+    return {"request_id": request_id} if isinstance(request_id, str) else {}

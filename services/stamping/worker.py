@@ -1,0 +1,267 @@
+"""Signing workers: take jobs from `stamping.requests`, stamp and sign, record the result.
+
+Exactly once in effect: a job is leased in PostgreSQL before any work, so a redelivered message
+for a finished or leased job does nothing; the output goes to a key derived from the job id, so
+a retried job overwrites rather than duplicates; the result and its outbox message commit
+together. Run with
+`python -m services.platform.serve services.stamping.worker:create_worker_app --port N`
+(one process per core).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from datetime import timedelta
+
+import structlog
+from aiokafka import ConsumerRecord
+from fastapi import FastAPI
+from prometheus_client import Counter, Histogram
+from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from services.platform.app import create_service_app
+from services.platform.blobs import BlobNotFound, BlobStore, blob_store_from_url
+from services.platform.db import check_database, create_engine, create_sessionmaker, transaction
+from services.platform.health import HealthChecks
+from services.platform.kafka import ConsumerLoop
+from services.stamping import repository as repo
+from services.stamping.config import StampingSettings
+from services.stamping.messages import StampingFinished, StampingRequested
+from services.stamping.models import JobStatus, StampingJob
+from services.stamping.service import output_key
+from services.stamping.signing import DocumentRejected, StampBox, StampRequest, StampSigner
+
+log = structlog.get_logger(__name__)
+
+JOBS = Counter("meterai_signer_jobs_total", "Jobs a signing worker finished", ["outcome"])
+SIGNING_SECONDS = Histogram(
+    "meterai_signer_signing_duration_seconds",
+    "Time to stamp and sign one document",
+    buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+
+
+def load_signer(settings: StampingSettings) -> StampSigner:
+    """The signing key and certificates named by the settings (PEM, or PKCS#12 by suffix)."""
+    passphrase = (
+        settings.signing_key_passphrase.encode() if settings.signing_key_passphrase else None
+    )
+    if settings.signing_key_path.suffix.lower() in (".p12", ".pfx"):
+        return StampSigner.from_pkcs12(settings.signing_key_path, passphrase)
+    return StampSigner.from_pem_files(
+        settings.signing_key_path,
+        settings.signing_cert_path,
+        settings.signing_chain_paths,
+        passphrase,
+    )
+
+
+class SigningWorker:
+    """Handles one `stamping.requests` message at a time per call (the loop bounds concurrency)."""
+
+    def __init__(
+        self,
+        *,
+        settings: StampingSettings,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        blobs: BlobStore,
+        signer: StampSigner,
+        worker_id: str,
+    ) -> None:
+        self.settings = settings
+        self.sessionmaker = sessionmaker
+        self.blobs = blobs
+        self.signer = signer
+        self.worker_id = worker_id
+        self.lease = timedelta(seconds=settings.worker_lease_seconds)
+        self.jobs_done = 0
+        # pyHanko work is CPU-bound: one signature at a time, I/O of other jobs overlaps it.
+        self._signing = asyncio.Semaphore(1)
+
+    async def __call__(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        try:
+            request = StampingRequested.model_validate_json(record.value or b"")
+        except ValidationError as exc:
+            log.error("bad_stamping_request", offset=record.offset, error=str(exc))
+            JOBS.labels("bad_message").inc()
+            return
+        request_id = dict(record.headers or []).get("request_id")
+        structlog.contextvars.bind_contextvars(
+            job_id=str(request.job_id),
+            request_id=request_id.decode() if request_id else None,
+        )
+        try:
+            await self.process(request.job_id)
+        finally:
+            structlog.contextvars.unbind_contextvars("job_id", "request_id")
+
+    async def process(self, job_id: uuid.UUID) -> None:
+        """Lease, stamp, store and record one job; a no-op if it is finished or leased."""
+        async with transaction(self.sessionmaker) as session:
+            job = await repo.lease_job(session, job_id, worker_id=self.worker_id, lease=self.lease)
+        if job is None:
+            log.info("job_skipped", reason="finished or leased by another worker")
+            JOBS.labels("skipped").inc()
+            return
+        if job.attempts > self.settings.worker_max_attempts:
+            await self._finish_failed(
+                job, "too_many_attempts", f"Gave up after {job.attempts - 1} attempts."
+            )
+            return
+        try:
+            document = await self.blobs.get(job.input_key)
+        except BlobNotFound:
+            await self._finish_failed(job, "input_missing", "The uploaded document is gone.")
+            return
+        request = StampRequest(
+            serial=job.serial,
+            verify_url=f"{self.settings.public_base_url}/verify/{job.serial}",
+            page=job.page + 1,
+            box=StampBox(job.llx, job.lly, job.urx, job.ury),
+        )
+        started = time.perf_counter()
+        try:
+            async with self._signing:
+                signed = await asyncio.to_thread(self.signer.stamp, document, request)
+        except DocumentRejected as rejection:
+            await self._finish_failed(job, rejection.code, rejection.detail)
+            return
+        except Exception as exc:  # noqa: BLE001 - never die on one document
+            # Not the document's known fault: leave the lease to expire so the job is retried
+            # later (the relay re-publishes it), up to the attempt limit.
+            log.exception("signing_error", error=repr(exc), attempt=job.attempts)
+            JOBS.labels("error").inc()
+            return
+        SIGNING_SECONDS.observe(time.perf_counter() - started)
+        key = output_key(job.id)
+        await self.blobs.put(key, signed)
+        digest = hashlib.sha256(signed).hexdigest()
+        async with transaction(self.sessionmaker) as session:
+            finished = await repo.finish_job(
+                session,
+                job.id,
+                worker_id=self.worker_id,
+                status=JobStatus.done,
+                output_key=key,
+                output_sha256=digest,
+            )
+            if finished is not None:
+                await self._announce(session, finished)
+        if finished is None:
+            log.warning("lease_lost", detail="another worker owns the job now")
+            JOBS.labels("lease_lost").inc()
+            return
+        self.jobs_done += 1
+        JOBS.labels("done").inc()
+        log.info("job_done", serial=job.serial, ms=round((time.perf_counter() - started) * 1000))
+
+    async def _finish_failed(self, job: StampingJob, code: str, detail: str) -> None:
+        async with transaction(self.sessionmaker) as session:
+            finished = await repo.finish_job(
+                session,
+                job.id,
+                worker_id=self.worker_id,
+                status=JobStatus.failed,
+                error_code=code,
+                error_detail=detail,
+            )
+            if finished is not None:
+                await self._announce(session, finished)
+        JOBS.labels("failed").inc()
+        log.info("job_failed", code=code, detail=detail)
+
+    async def _announce(self, session: AsyncSession, job: StampingJob) -> None:
+        status = "done" if job.status is JobStatus.done else "failed"
+        message = StampingFinished(
+            job_id=job.id,
+            serial=job.serial,
+            owner=job.owner,
+            status=status,
+            sha256=job.output_sha256,
+            error_code=job.error_code,
+            error_detail=job.error_detail,
+        )
+        await repo.add_outbox(
+            session, self.settings.results_topic, str(job.id), message.model_dump(mode="json")
+        )
+
+    async def heartbeat(self, every: float = 5.0) -> None:
+        """Tell the database this worker is alive, until cancelled."""
+        while True:
+            try:
+                async with transaction(self.sessionmaker) as session:
+                    await repo.beat(session, self.worker_id, self.jobs_done)
+            except Exception as exc:  # noqa: BLE001 - the next beat may succeed
+                log.warning("heartbeat_failed", error=repr(exc))
+            await asyncio.sleep(every)
+
+
+def create_worker_app(settings: StampingSettings | None = None) -> FastAPI:
+    """A signing worker: a consumer loop in the lifespan, plus health and metrics over HTTP."""
+    settings = settings or StampingSettings()
+    worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        signer = load_signer(settings)
+        engine = create_engine(settings.database_url, pool_size=4)
+        sessionmaker = create_sessionmaker(engine)
+        worker = SigningWorker(
+            settings=settings,
+            sessionmaker=sessionmaker,
+            blobs=blob_store_from_url(settings.blob_store_url),
+            signer=signer,
+            worker_id=worker_id,
+        )
+        loop = ConsumerLoop(
+            bootstrap_servers=settings.kafka_bootstrap_servers,
+            topics=[settings.requests_topic],
+            group_id=settings.worker_group,
+            client_id=worker_id,
+            handler=worker,
+            concurrency=settings.worker_concurrency,
+            max_batch=max(2, settings.worker_concurrency * 2),
+            grace_seconds=settings.worker_grace_seconds,
+        )
+        await loop.start()
+        loop_task = asyncio.create_task(loop.run(), name="signing-consumer")
+        beat_task = asyncio.create_task(worker.heartbeat(), name="heartbeat")
+
+        async def consumer_alive() -> None:
+            if loop_task.done():
+                raise RuntimeError("the signing consumer stopped")
+
+        health: HealthChecks = app.state.health
+        health.add("database", lambda: check_database(engine))
+        health.add("consumer", consumer_alive)
+        log.info("signing_worker_started", worker_id=worker_id)
+        try:
+            yield
+        finally:
+            # SIGTERM: stop fetching, let in-flight jobs finish within the grace period,
+            # commit offsets, leave the group.
+            loop.request_stop()
+            with suppress(asyncio.CancelledError):
+                await asyncio.wait_for(loop_task, timeout=settings.worker_grace_seconds + 5)
+            beat_task.cancel()
+            with suppress(asyncio.CancelledError):
+                await beat_task
+            await engine.dispose()
+            log.info("signing_worker_stopped", worker_id=worker_id, jobs_done=worker.jobs_done)
+
+    return create_service_app(
+        service="signer",
+        title="Meterai signing worker",
+        settings=settings,
+        lifespan=lifespan,
+        routers=[],
+        openapi_url=None,
+    )
