@@ -23,7 +23,9 @@ def _announce(message: str) -> None:
 
 @click.group()
 @click.option(
-    "--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
     help="Where the local stack keeps its data [env METERAI_DATA_DIR; default .meterai].",
 )
 @click.pass_context
@@ -39,10 +41,18 @@ def main(ctx: click.Context, data_dir: Path | None) -> None:
 
 
 @main.command()
-@click.option("--workers", type=click.IntRange(min=0, max=64), default=None,
-              help="Signing worker processes [default 2].")
-@click.option("--base-port", type=click.IntRange(min=1024, max=65000), default=None,
-              help="Gateway port; the other services use the next ports [default 8000].")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0, max=64),
+    default=None,
+    help="Signing worker processes [default 2].",
+)
+@click.option(
+    "--base-port",
+    type=click.IntRange(min=1024, max=65000),
+    default=None,
+    help="Gateway port; the other services use the next ports [default 8000].",
+)
 @click.option("--host", default=None, help="Interface to listen on [default 127.0.0.1].")
 def up(workers: int | None, base_port: int | None, host: str | None) -> None:
     """Start the whole stack on this machine (embedded infrastructure unless URLs are set)."""

@@ -235,7 +235,9 @@ class Stack:
         ports, host = self.ports, self.settings.host
         await self.supervisor.start_group(
             [
-                self._uvicorn("inventory", "services.inventory.app:create_app", ports.inventory, env),
+                self._uvicorn(
+                    "inventory", "services.inventory.app:create_app", ports.inventory, env
+                ),
                 self._uvicorn("stamping", "services.stamping.app:create_app", ports.stamping, env),
                 self._uvicorn("queue", "services.queue.app:create_app", ports.queue, env),
             ]
@@ -318,9 +320,7 @@ def _lock(data_dir: Path) -> int:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(descriptor)
-        raise RuntimeError(
-            f"another `meterai up` is already running on {data_dir}"
-        ) from None
+        raise RuntimeError(f"another `meterai up` is already running on {data_dir}") from None
     return descriptor
 
 

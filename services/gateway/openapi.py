@@ -27,7 +27,7 @@ Errors are RFC 9457 `application/problem+json` documents with a stable `code`. C
 accept an `Idempotency-Key` header.
 """
 
-_SECURITY = {
+_SECURITY: dict[Access, list[dict[str, list[str]]]] = {
     Access.distributor: [{"distributorKey": []}],
     Access.operator: [{"opsToken": []}],
     Access.public: [],

@@ -15,7 +15,6 @@ from services.inventory import service
 from services.inventory.config import InventorySettings
 from services.platform.db import create_engine, create_sessionmaker, transaction
 
-
 T = TypeVar("T")
 
 
@@ -51,7 +50,10 @@ def distributor() -> None:
 @distributor.command("create")
 @click.argument("name")
 @click.option(
-    "--balance", type=click.IntRange(min=0), default=0, show_default=True,
+    "--balance",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
     help="Opening prepaid balance in rupiah.",
 )
 def create_distributor(name: str, balance: int) -> None:

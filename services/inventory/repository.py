@@ -65,7 +65,9 @@ async def get_distributor(session: AsyncSession, distributor_id: uuid.UUID) -> D
     return await session.get(Distributor, distributor_id)
 
 
-async def debit_balance(session: AsyncSession, distributor_id: uuid.UUID, amount: int) -> int | None:
+async def debit_balance(
+    session: AsyncSession, distributor_id: uuid.UUID, amount: int
+) -> int | None:
     """Take `amount` from the balance if it covers it; the new balance, or None if it does not.
 
     One conditional UPDATE: the row lock serialises a distributor's concurrent purchases.
@@ -165,9 +167,7 @@ async def first_unclaimed_serial(session: AsyncSession, owner: str) -> Serial | 
     return (
         await session.execute(
             select(Serial)
-            .where(
-                Serial.owner == owner, Serial.state == SerialState.sold, Serial.job_id.is_(None)
-            )
+            .where(Serial.owner == owner, Serial.state == SerialState.sold, Serial.job_id.is_(None))
             .order_by(Serial.serial)
             .limit(1)
             .with_for_update(skip_locked=True)

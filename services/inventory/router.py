@@ -98,7 +98,9 @@ async def create_purchase(
             session,
             owner=principal.owner_key,
             key=idempotency_key,
-            request_hash=request_fingerprint("POST /api/v1/purchases", canonical_json(body.model_dump())),
+            request_hash=request_fingerprint(
+                "POST /api/v1/purchases", canonical_json(body.model_dump())
+            ),
         )
         if replay is not None:
             return JSONResponse(

@@ -10,9 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from services.inventory.models import PurchaseStatus, SerialState
 
-SerialNumber = Annotated[
-    str, Field(pattern=r"^[0-9A-Z]{22}$", examples=["2C5NV74I6D0HJ1EZ000DU9"])
-]
+SerialNumber = Annotated[str, Field(pattern=r"^[0-9A-Z]{22}$", examples=["2C5NV74I6D0HJ1EZ000DU9"])]
 
 
 class StrictBody(BaseModel):

@@ -22,7 +22,7 @@ from pathlib import Path
 import asyncpg
 import redis.asyncio as aioredis
 
-from services.platform.supervisor import ProcessSpec
+from services.platform.supervisor import ProcessSpec, run_as
 
 POSTGRES_SYSTEM_USER = "meterai-postgres"
 
@@ -85,7 +85,7 @@ class EmbeddedPostgres:
             entry = pwd.getpwnam(user)
             os.chown(self.data_dir, entry.pw_uid, entry.pw_gid)
         self.data_dir.chmod(0o700)
-        subprocess.run(  # noqa: S603 - fixed binary from the installed wheel
+        result = subprocess.run(  # noqa: S603 - fixed binary from the installed wheel
             [
                 str(self.bin_dir / "initdb"),
                 "-D",
@@ -96,10 +96,12 @@ class EmbeddedPostgres:
                 "--encoding=UTF8",
                 "--locale=C",
             ],
-            check=True,
             capture_output=True,
-            user=user,
+            **run_as(user),
         )
+        if result.returncode != 0:
+            output = (result.stderr or result.stdout).decode(errors="replace").strip()
+            raise RuntimeError(f"initdb failed for {self.data_dir}: {output}")
 
     def spec(self, log_path: Path | None = None) -> ProcessSpec:
         """Run the postmaster in the foreground; SIGINT is PostgreSQL's fast, clean shutdown."""

@@ -85,9 +85,7 @@ class ServiceUnavailable(MeteraiError):
         super().__init__(detail, headers=headers, **kwargs)
 
 
-def problem_body(
-    status: int, code: str, title: str, detail: str, **extra: Any
-) -> dict[str, Any]:
+def problem_body(status: int, code: str, title: str, detail: str, **extra: Any) -> dict[str, Any]:
     """The JSON members of a problem document."""
     return {
         "type": PROBLEM_TYPE_BASE + code,
@@ -131,8 +129,7 @@ def _validation_problem(exc: RequestValidationError) -> JSONResponse:
             400, "malformed_json", "Malformed JSON", "The request body is not valid JSON."
         )
     detail = "; ".join(
-        f"{'.'.join(e['loc'][1:] if len(e['loc']) > 1 else e['loc'])}: {e['msg']}"
-        for e in errors
+        f"{'.'.join(e['loc'][1:] if len(e['loc']) > 1 else e['loc'])}: {e['msg']}" for e in errors
     )
     return problem_response(
         422, "invalid_request", "Invalid request", detail or "Invalid request.", errors=errors

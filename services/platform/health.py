@@ -37,9 +37,7 @@ class HealthChecks:
     async def report(self, *, readiness_only: bool = False) -> dict[str, Any]:
         """`{"status": "ok"|"fail", "checks": {name: {"status", "latency_ms", "error"?}}}`."""
         names = [
-            name
-            for name in self._checks
-            if not (readiness_only and name in self._informational)
+            name for name in self._checks if not (readiness_only and name in self._informational)
         ]
         results = await asyncio.gather(*(self._run(self._checks[name]) for name in names))
         checks = dict(zip(names, results, strict=True))

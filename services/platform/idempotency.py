@@ -132,7 +132,5 @@ class IdempotencyStore:
 
     async def purge_older_than(self, session: AsyncSession, cutoff: datetime) -> int:
         """Forget keys older than `cutoff` (clients retry within minutes, not days)."""
-        result = await session.execute(
-            self.table.delete().where(self.table.c.created_at < cutoff)
-        )
+        result = await session.execute(self.table.delete().where(self.table.c.created_at < cutoff))
         return int(getattr(result, "rowcount", 0) or 0)

@@ -113,7 +113,10 @@ class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
         await self.loop.commit_processed()
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
-        log.info("partitions_assigned", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
+        log.info(
+            "partitions_assigned",
+            partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in assigned),
+        )
 
 
 class ConsumerLoop:
@@ -172,23 +175,36 @@ class ConsumerLoop:
 
     async def run(self) -> None:
         """Process until `request_stop()`; always commits what finished and stops the consumer."""
+        stopping = asyncio.ensure_future(self._stopping.wait())
         try:
             while not self._stopping.is_set():
-                batches = await self.consumer.getmany(timeout_ms=500, max_records=self.max_batch)
+                # A fetch can block for seconds (joining the group); stopping must not wait.
+                fetch = asyncio.ensure_future(
+                    self.consumer.getmany(timeout_ms=500, max_records=self.max_batch)
+                )
+                await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not fetch.done():
+                    fetch.cancel()
+                    await asyncio.gather(fetch, return_exceptions=True)
+                    break
+                batches = fetch.result()
                 if not batches:
                     continue
-                failed = await self._process(batches)
+                failed = await self._process(batches, stopping)
                 await self.commit_processed()
                 if failed:
                     await asyncio.sleep(self.retry_backoff_seconds)
         finally:
+            stopping.cancel()
             try:
                 await self.commit_processed()
             finally:
                 await self.consumer.stop()
 
     async def _process(
-        self, batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+        self,
+        batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
+        stopping: asyncio.Future[Any],
     ) -> bool:
         """Handle a fetched batch; returns True when some message must be fetched again."""
         tasks = {
@@ -196,8 +212,13 @@ class ConsumerLoop:
             for batch in batches.values()
             for record in batch
         }
-        timeout = self.grace_seconds if self._stopping.is_set() else None
-        done, pending = await asyncio.wait(tasks, timeout=timeout)
+        everything = asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.wait({everything, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not everything.done():
+            # Stopping: in-flight messages get the grace period to finish.
+            await asyncio.wait(tasks, timeout=self.grace_seconds)
+        done = {task for task in tasks if task.done()}
+        pending = set(tasks) - done
         for task in pending:
             # Past the grace period: abandon; uncommitted messages are redelivered elsewhere.
             task.cancel()
@@ -205,9 +226,10 @@ class ConsumerLoop:
         first_failed: dict[TopicPartition, int] = {}
         for task, record in tasks.items():
             tp = TopicPartition(record.topic, record.partition)
-            if task in done and task.exception() is None:
+            finished = task in done and not task.cancelled()
+            if finished and task.exception() is None:
                 continue
-            if task in done:
+            if finished:
                 log.error(
                     "message_handler_failed",
                     topic=record.topic,

@@ -8,9 +8,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from alembic import command
+from alembic import command, context
 from alembic.config import Config
-from alembic.runtime.environment import EnvironmentContext
 from sqlalchemy import MetaData, pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -34,7 +33,7 @@ def upgrade(script_location: Path, database_url: str, revision: str = "head") ->
     command.upgrade(alembic_config(script_location, database_url), revision)
 
 
-def run_env(context: EnvironmentContext, target_metadata: MetaData) -> None:
+def run_env(target_metadata: MetaData) -> None:
     """The body of a service's `env.py`: run migrations online with the async driver."""
     url = context.config.get_main_option("sqlalchemy.url")
     if url is None:
@@ -46,9 +45,7 @@ def run_env(context: EnvironmentContext, target_metadata: MetaData) -> None:
         return
 
     def run(connection: Connection) -> None:
-        context.configure(
-            connection=connection, target_metadata=target_metadata, compare_type=True
-        )
+        context.configure(connection=connection, target_metadata=target_metadata, compare_type=True)
         with context.begin_transaction():
             context.run_migrations()
 

@@ -65,9 +65,7 @@ def configure_logging(service: str, *, level: str = "INFO", json: bool = True) -
 
 
 def _add_service(service: str) -> structlog.typing.Processor:
-    def add(
-        _: object, __: str, event: structlog.typing.EventDict
-    ) -> structlog.typing.EventDict:
+    def add(_: object, __: str, event: structlog.typing.EventDict) -> structlog.typing.EventDict:
         event.setdefault("service", service)
         return event
 

@@ -1,4 +1,4 @@
-"""Settings shared by every service: each service subclasses `ServiceSettings` with its own prefix."""
+"""Settings shared by every service; each service subclasses `ServiceSettings` with a prefix."""
 
 from __future__ import annotations
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
+import pwd
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, BinaryIO
 
 ReadyCheck = Callable[[], Awaitable[object]]
 Announce = Callable[[str], None]
@@ -54,6 +56,23 @@ def _die_with_parent(sig: signal.Signals) -> Callable[[], None]:
     return preexec
 
 
+def run_as(user: str | None) -> dict[str, Any]:
+    """`subprocess` arguments that drop to `user` with that user's own group only.
+
+    Setting only the uid would keep root's groups, and group permission bits then apply.
+    """
+    if user is None:
+        return {}
+    entry = pwd.getpwnam(user)
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
+
+def _open_log(path: Path) -> BinaryIO:
+    # Opening a local file is quick; the child inherits the descriptor and writes to it.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "ab")  # noqa: SIM115 - closed by the caller once the child has it
+
+
 class ManagedProcess:
     """One child process with its restart bookkeeping."""
 
@@ -73,10 +92,7 @@ class ManagedProcess:
         """Spawn the process (its output appended to its log file)."""
         spec = self.spec
         env = {**os.environ, **spec.env}
-        log = None
-        if spec.log_path is not None:
-            spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-            log = open(spec.log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
+        log = _open_log(spec.log_path) if spec.log_path is not None else None
         try:
             self.process = await asyncio.create_subprocess_exec(
                 *spec.argv,
@@ -86,7 +102,7 @@ class ManagedProcess:
                 stdout=log or asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
-                user=spec.user,
+                **run_as(spec.user),
                 preexec_fn=_die_with_parent(spec.stop_signal),  # noqa: PLW1509
             )
         finally:
@@ -142,7 +158,9 @@ class ManagedProcess:
         try:
             await asyncio.wait_for(process.wait(), self.spec.stop_timeout)
         except TimeoutError:
-            self.announce(f"{self.spec.name} did not stop in {self.spec.stop_timeout:.0f}s; killing")
+            self.announce(
+                f"{self.spec.name} did not stop in {self.spec.stop_timeout:.0f}s; killing"
+            )
         self._kill_group(process.pid)
         await process.wait()
 

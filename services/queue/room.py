@@ -63,13 +63,10 @@ class Room:
         )
 
     async def update_config(self, *, admit_per_minute: int | None, paused: bool | None) -> None:
-        mapping: dict[str, str] = {}
         if admit_per_minute is not None:
-            mapping["admit_per_minute"] = str(admit_per_minute)
+            await self.redis.hset(self._config, "admit_per_minute", str(admit_per_minute))
         if paused is not None:
-            mapping["paused"] = "1" if paused else "0"
-        if mapping:
-            await self.redis.hset(self._config, mapping=mapping)
+            await self.redis.hset(self._config, "paused", "1" if paused else "0")
 
     async def snapshot(self) -> RoomSnapshot:
         tail, serving = await self.redis.mget(self._tail, self._serving)
@@ -86,7 +83,7 @@ class Room:
         if target > serving then redis.call('SET', KEYS[2], target) end
         return math.max(target, serving)
         """
-        result = await self.redis.eval(script, 2, self._tail, self._serving, count)  # type: ignore[misc]
+        result = await self.redis.eval(script, 2, self._tail, self._serving, count)
         return int(result)
 
     async def run_admission(self, tick: float, identity: str) -> None:
@@ -94,9 +91,10 @@ class Room:
         carry = 0.0
         while True:
             try:
-                lead = await self.redis.set(
-                    self._leader, identity, nx=True, px=int(tick * 3000)
-                ) or (await self.redis.get(self._leader)) == identity.encode()
+                lead = (
+                    await self.redis.set(self._leader, identity, nx=True, px=int(tick * 3000))
+                    or (await self.redis.get(self._leader)) == identity.encode()
+                )
                 if lead:
                     await self.redis.pexpire(self._leader, int(tick * 3000))
                     config = await self.config()

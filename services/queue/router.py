@@ -192,11 +192,8 @@ async def get_queue(request: Request, principal: CurrentPrincipal) -> QueueView:
 
 
 @ops.patch("/ops/queue", response_model=QueueView, summary="Change admission")
-async def patch_queue(
-    body: QueuePatch, request: Request, principal: CurrentPrincipal
-) -> QueueView:
+async def patch_queue(body: QueuePatch, request: Request, principal: CurrentPrincipal) -> QueueView:
     """Pause or resume admission, or change its rate."""
     _require_operator(principal.kind)
     await _room(request).update_config(admit_per_minute=body.admit_per_minute, paused=body.paused)
     return await _view(request)
-

@@ -16,7 +16,10 @@ def keys() -> None:
 
 @keys.command("init")
 @click.option(
-    "--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
     help="Where to write the keys [default: <data dir>/keys].",
 )
 @click.option("--force", is_flag=True, help="Replace existing keys.")

@@ -10,7 +10,6 @@ import httpx
 from services.platform.errors import MeteraiError, ServiceUnavailable
 from services.platform.http import ServiceClient
 
-
 # Inventory's refusals that concern the caller (unknown serial, serial already used...).
 _CALLER_FACING = frozenset({404, 409})
 

@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from services.platform.blobs import BlobNotFound, BlobStore
@@ -33,6 +34,12 @@ class InvalidForm(MeteraiError):
     status = 422
     code = "invalid_request"
     title = "Invalid request"
+
+
+class MalformedMultipart(MeteraiError):
+    status = 400
+    code = "malformed_multipart"
+    title = "Malformed multipart body"
 
 
 class UnsupportedMediaType(MeteraiError):
@@ -104,21 +111,17 @@ async def _read_order(request: Request, settings: StampingSettings) -> service.S
         raise PayloadTooLarge(f"Documents are limited to {settings.max_upload_bytes:,} bytes.")
     try:
         form = await request.form(max_files=1, max_fields=16, max_part_size=64 * 1024)
-    except MultiPartException as exc:
-        raise InvalidForm(f"Malformed multipart body: {exc.message}") from exc
+    except (MultiPartException, StarletteHTTPException) as exc:
+        raise MalformedMultipart(f"The multipart body cannot be parsed: {exc}") from exc
     try:
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise InvalidForm("The `file` part (the PDF) is missing.")
         if upload.size is not None and upload.size > settings.max_upload_bytes:
-            raise PayloadTooLarge(
-                f"Documents are limited to {settings.max_upload_bytes:,} bytes."
-            )
+            raise PayloadTooLarge(f"Documents are limited to {settings.max_upload_bytes:,} bytes.")
         document = await upload.read(settings.max_upload_bytes + 1)
         if len(document) > settings.max_upload_bytes:
-            raise PayloadTooLarge(
-                f"Documents are limited to {settings.max_upload_bytes:,} bytes."
-            )
+            raise PayloadTooLarge(f"Documents are limited to {settings.max_upload_bytes:,} bytes.")
         # PDF readers accept the header anywhere in the first kilobyte.
         if _PDF_MAGIC not in document[:1024]:
             raise NotPdf("The file is not a PDF (no %PDF- header).")

@@ -1,8 +1,6 @@
 """Alembic environment of the stamping database."""
 
-from alembic import context
-
-from services.stamping.models import Base
 from services.platform.migrations import run_env
+from services.stamping.models import Base
 
-run_env(context, Base.metadata)
+run_env(Base.metadata)

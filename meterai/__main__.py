@@ -1,0 +1,5 @@
+"""`python -m meterai` is the `meterai` command."""
+
+from meterai.cli import main
+
+main()

@@ -1,0 +1,252 @@
+"""`meterai up` as a newcomer runs it: a subprocess, driven over HTTP only."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.harness import wait_for
+from tests.pdfs import make_pdf
+from tests.pdftools import pdfsig, qpdf_check
+
+pytestmark = [pytest.mark.stack, pytest.mark.timeout(300)]
+
+PORT_SPAN = 40
+
+
+def _free_base_port() -> int:
+    """A base port whose whole span (services, workers, infrastructure) is free."""
+    for base in range(21000, 60000, 97):
+        sockets: list[socket.socket] = []
+        try:
+            for port in range(base, base + PORT_SPAN):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError("no free port range")
+
+
+def meterai(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run a `meterai` CLI command against the stack in `data_dir`."""
+    return subprocess.run(
+        [sys.executable, "-m", "meterai", "--data-dir", str(data_dir), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_clean_env(),
+    )
+
+
+def _clean_env() -> dict[str, str]:
+    # The stack under test must use its own embedded servers, whatever the caller's shell says.
+    return {name: value for name, value in os.environ.items() if not name.startswith("METERAI_")}
+
+
+class RunningStack:
+    def __init__(self, process: subprocess.Popen[bytes], gateway: str, log: Path) -> None:
+        self.process = process
+        self.gateway = gateway
+        self.log = log
+
+    def descendants(self) -> list[psutil.Process]:
+        return psutil.Process(self.process.pid).children(recursive=True)
+
+
+@asynccontextmanager
+async def meterai_up(
+    data_dir: Path, base_port: int, workers: int = 2
+) -> AsyncIterator[RunningStack]:
+    log = data_dir.parent / f"up-{base_port}-{os.urandom(3).hex()}.log"
+    with open(log, "wb") as output:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "meterai",
+                "--data-dir",
+                str(data_dir),
+                "up",
+                "--workers",
+                str(workers),
+                "--base-port",
+                str(base_port),
+            ],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=_clean_env(),
+        )
+    stack = RunningStack(process, f"http://127.0.0.1:{base_port}", log)
+    try:
+        async with httpx.AsyncClient(base_url=stack.gateway, timeout=5) as client:
+
+            async def healthy() -> dict[str, object] | None:
+                if process.poll() is not None:
+                    raise AssertionError(f"meterai up exited early:\n{log.read_text()}")
+                try:
+                    response = await client.get("/healthz")
+                except httpx.TransportError:
+                    return None
+                body: dict[str, object] = response.json()
+                return body if response.status_code == 200 else None
+
+            await wait_for(healthy, timeout=120, interval=0.5)
+        yield stack
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                await asyncio.to_thread(process.wait, 90)
+            except subprocess.TimeoutExpired:
+                for child in stack.descendants():
+                    child.kill()
+                process.kill()
+                raise
+
+
+@pytest.fixture
+def base_port() -> Iterator[int]:
+    yield _free_base_port()
+
+
+async def test_meterai_up_runs_the_whole_stack_and_keeps_its_data(
+    tmp_path: Path, base_port: int
+) -> None:
+    data_dir = tmp_path / "data"
+    document = make_pdf(2)
+    async with meterai_up(data_dir, base_port) as stack:
+        async with httpx.AsyncClient(base_url=stack.gateway, timeout=30) as client:
+            health = (await client.get("/healthz")).json()
+            assert health["status"] == "ok"
+            assert set(health["services"]) == {"gateway", "inventory", "queue", "stamping"}
+            for name in ("inventory", "queue", "stamping"):
+                checks = health["services"][name]["checks"]
+                assert checks and all(c["status"] == "ok" for c in checks.values()), health
+            assert health["services"]["stamping"]["checks"]["signing_workers"]["detail"] == {
+                "live": 2
+            }
+            spec = (await client.get("/openapi.json")).json()
+            assert "/api/v1/stampings" in spec["paths"] and "/api/v1/purchases" in spec["paths"]
+
+        created = meterai(data_dir, "distributor", "create", "acme", "--balance", "100000")
+        assert created.returncode == 0, created.stderr
+        match = re.search(r"api key:\s+(\S+)", created.stdout)
+        assert match, created.stdout
+        api_key = match.group(1)
+        minted = meterai(data_dir, "serials", "mint", "5")
+        assert minted.returncode == 0 and "minted 5" in minted.stdout, minted.stderr
+
+        headers = {"Authorization": f"Bearer {api_key}"}
+        async with httpx.AsyncClient(base_url=stack.gateway, headers=headers, timeout=30) as api:
+            purchase = await api.post("/api/v1/purchases", json={"quantity": 3})
+            assert purchase.status_code == 201, purchase.text
+            upload = await api.post(
+                "/api/v1/stampings", files={"file": ("cv.pdf", document, "application/pdf")}
+            )
+            assert upload.status_code == 202, upload.text
+            job_id = upload.json()["id"]
+
+            async def done() -> bool:
+                status = (await api.get(f"/api/v1/stampings/{job_id}")).json()
+                assert status["status"] != "failed", status
+                return bool(status["status"] == "done")
+
+            await wait_for(done, timeout=60)
+            stamped = (await api.get(f"/api/v1/stampings/{job_id}/document")).content
+
+        path = tmp_path / "stamped.pdf"
+        path.write_bytes(stamped)
+        report = pdfsig(path)
+        assert report.all_valid and report.total_document_signed, report.output
+        assert qpdf_check(path).returncode == 0
+
+        processes = stack.descendants()
+        names = " ".join(" ".join(p.cmdline()) for p in processes)
+        for expected in ("postgres", "redis-server", "tansu", "services.gateway"):
+            assert expected in names
+        assert names.count("services.stamping.worker") == 2
+        stack.process.send_signal(signal.SIGINT)
+        assert await asyncio.to_thread(stack.process.wait, 90) == 0
+        _, alive = psutil.wait_procs(processes, timeout=10)
+        assert alive == [], f"left behind: {[p.cmdline() for p in alive]}"
+        assert not (data_dir / "stack.json").exists()
+
+    # A second `up` continues where the first stopped.
+    async with meterai_up(data_dir, base_port) as stack:
+        async with httpx.AsyncClient(base_url=stack.gateway, headers=headers, timeout=30) as api:
+            balance = (await api.get("/api/v1/balance")).json()
+            assert balance["balance"] == 70_000
+            assert balance["stamps"] == {"reserved": 0, "sold": 2, "used": 1}
+            again = await api.get(f"/api/v1/stampings/{job_id}/document")
+            assert again.status_code == 200 and again.content == stamped
+
+
+async def test_sigterm_stops_a_starting_stack_cleanly(tmp_path: Path, base_port: int) -> None:
+    data_dir = tmp_path / "data"
+    log = tmp_path / "up.log"
+    with open(log, "wb") as output:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "meterai",
+                "--data-dir",
+                str(data_dir),
+                "up",
+                "--base-port",
+                str(base_port),
+            ],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=_clean_env(),
+        )
+
+    async def postgres_started() -> bool:
+        return "postgres ready" in log.read_text()
+
+    await wait_for(postgres_started, timeout=60)
+    processes = psutil.Process(process.pid).children(recursive=True)
+    process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(process.wait, 90) == 0, log.read_text()
+    _, alive = psutil.wait_procs(processes, timeout=10)
+    assert alive == [], f"left behind: {[p.cmdline() for p in alive]}"
+
+
+async def test_a_second_up_on_the_same_data_is_refused(tmp_path: Path, base_port: int) -> None:
+    data_dir = tmp_path / "data"
+    async with meterai_up(data_dir, base_port, workers=1):
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "meterai",
+                "--data-dir",
+                str(data_dir),
+                "up",
+                "--base-port",
+                str(_free_base_port()),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=_clean_env(),
+        )
+        assert second.returncode != 0
+        assert "already running" in second.stdout + second.stderr
