@@ -311,13 +311,13 @@ async def running_stack(
         await infra.drop_database(stack.stamping_db)
 
 
-async def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.1) -> Any:
+async def wait_for(predicate: Any, within: float = 30.0, interval: float = 0.1) -> Any:
     """Poll an async predicate until it returns something truthy."""
-    deadline = asyncio.get_running_loop().time() + timeout
+    deadline = asyncio.get_running_loop().time() + within
     while True:
         value = await predicate()
         if value:
             return value
         if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError(f"condition not met within {timeout}s (last: {value!r})")
+            raise TimeoutError(f"condition not met within {within}s (last: {value!r})")
         await asyncio.sleep(interval)

@@ -44,6 +44,17 @@ def _free_base_port() -> int:
     raise RuntimeError("no free port range")
 
 
+def spawn_up(data_dir: Path, log: Path, *args: str) -> subprocess.Popen[bytes]:
+    """Start `meterai up` in the background, its output going to `log`."""
+    with open(log, "wb") as output:
+        return subprocess.Popen(
+            [sys.executable, "-m", "meterai", "--data-dir", str(data_dir), "up", *args],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=_clean_env(),
+        )
+
+
 def meterai(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """Run a `meterai` CLI command against the stack in `data_dir`."""
     return subprocess.run(
@@ -75,24 +86,7 @@ async def meterai_up(
     data_dir: Path, base_port: int, workers: int = 2
 ) -> AsyncIterator[RunningStack]:
     log = data_dir.parent / f"up-{base_port}-{os.urandom(3).hex()}.log"
-    with open(log, "wb") as output:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "meterai",
-                "--data-dir",
-                str(data_dir),
-                "up",
-                "--workers",
-                str(workers),
-                "--base-port",
-                str(base_port),
-            ],
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            env=_clean_env(),
-        )
+    process = spawn_up(data_dir, log, "--workers", str(workers), "--base-port", str(base_port))
     stack = RunningStack(process, f"http://127.0.0.1:{base_port}", log)
     try:
         async with httpx.AsyncClient(base_url=stack.gateway, timeout=5) as client:
@@ -107,7 +101,7 @@ async def meterai_up(
                 body: dict[str, object] = response.json()
                 return body if response.status_code == 200 else None
 
-            await wait_for(healthy, timeout=120, interval=0.5)
+            await wait_for(healthy, within=120, interval=0.5)
         yield stack
     finally:
         if process.poll() is None:
@@ -168,7 +162,7 @@ async def test_meterai_up_runs_the_whole_stack_and_keeps_its_data(
                 assert status["status"] != "failed", status
                 return bool(status["status"] == "done")
 
-            await wait_for(done, timeout=60)
+            await wait_for(done, within=60)
             stamped = (await api.get(f"/api/v1/stampings/{job_id}/document")).content
 
         path = tmp_path / "stamped.pdf"
@@ -201,27 +195,12 @@ async def test_meterai_up_runs_the_whole_stack_and_keeps_its_data(
 async def test_sigterm_stops_a_starting_stack_cleanly(tmp_path: Path, base_port: int) -> None:
     data_dir = tmp_path / "data"
     log = tmp_path / "up.log"
-    with open(log, "wb") as output:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "meterai",
-                "--data-dir",
-                str(data_dir),
-                "up",
-                "--base-port",
-                str(base_port),
-            ],
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            env=_clean_env(),
-        )
+    process = spawn_up(data_dir, log, "--base-port", str(base_port))
 
     async def postgres_started() -> bool:
         return "postgres ready" in log.read_text()
 
-    await wait_for(postgres_started, timeout=60)
+    await wait_for(postgres_started, within=60)
     processes = psutil.Process(process.pid).children(recursive=True)
     process.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(process.wait, 90) == 0, log.read_text()
@@ -232,21 +211,8 @@ async def test_sigterm_stops_a_starting_stack_cleanly(tmp_path: Path, base_port:
 async def test_a_second_up_on_the_same_data_is_refused(tmp_path: Path, base_port: int) -> None:
     data_dir = tmp_path / "data"
     async with meterai_up(data_dir, base_port, workers=1):
-        second = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "meterai",
-                "--data-dir",
-                str(data_dir),
-                "up",
-                "--base-port",
-                str(_free_base_port()),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=_clean_env(),
+        second = await asyncio.to_thread(
+            meterai, data_dir, "up", "--base-port", str(_free_base_port())
         )
         assert second.returncode != 0
         assert "already running" in second.stdout + second.stderr

@@ -18,7 +18,7 @@ async def _stamped(client: httpx.AsyncClient, job_id: str) -> dict[str, object]:
         body: dict[str, object] = response.json()
         return body if body["status"] in ("done", "failed") else None
 
-    result: dict[str, object] = await wait_for(finished, timeout=60)
+    result: dict[str, object] = await wait_for(finished, within=60)
     return result
 
 
