@@ -21,10 +21,19 @@ async def infra(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Infra
         await infrastructure.supervisor.stop()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "workers(n): signing workers the `stack` fixture starts")
+
+
 @pytest.fixture
-async def stack(infra: Infrastructure, tmp_path: Path) -> AsyncIterator[ServiceStack]:
-    """All services of Meterai with fresh databases, topics and room, one signing worker."""
-    async with running_stack(infra, tmp_path) as started:
+async def stack(
+    infra: Infrastructure, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[ServiceStack]:
+    """All services of Meterai with fresh databases, topics and room, and signing workers
+    (one unless the test is marked `@pytest.mark.workers(n)`)."""
+    marker = request.node.get_closest_marker("workers")
+    workers = marker.args[0] if marker else 1
+    async with running_stack(infra, tmp_path, workers=workers) as started:
         yield started
 
 

@@ -4,6 +4,7 @@ caller's request id and a principal token on every request."""
 from __future__ import annotations
 
 import time
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
 import httpx
@@ -20,9 +21,14 @@ def create_http_client(
     connect_timeout: float = 2.0,
     max_connections: int = 200,
 ) -> httpx.AsyncClient:
-    """A pooled client with a connect timeout shorter than the overall one."""
+    """A pooled client with a connect timeout shorter than the overall one.
+
+    It never stores cookies: a client shared by many callers (the gateway's) would otherwise
+    hand one applicant's cookie to the next.
+    """
     return httpx.AsyncClient(
         base_url=base_url,
+        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
         timeout=httpx.Timeout(timeout, connect=connect_timeout),
         limits=httpx.Limits(
             max_connections=max_connections, max_keepalive_connections=max_connections

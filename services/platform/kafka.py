@@ -154,7 +154,9 @@ class ConsumerLoop:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=max_batch,
-            session_timeout_ms=10_000,
+            # 6 s is the smallest session Kafka brokers accept by default; joining a group
+            # takes about half of it on the embedded broker.
+            session_timeout_ms=6_000,
             heartbeat_interval_ms=1_000,
             # Signing a large document can take a while; stay in the group meanwhile.
             max_poll_interval_ms=300_000,

@@ -1,0 +1,138 @@
+"""Signing workers: redelivered messages do nothing twice; a job that cannot be stamped fails
+with a reason and gives its serial back; the worker carries on."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from aiokafka import AIOKafkaProducer
+from prometheus_client import REGISTRY
+
+from tests.harness import ServiceStack, wait_for
+from tests.pdfs import make_pdf
+
+
+def skipped_jobs() -> float:
+    return REGISTRY.get_sample_value("meterai_signer_jobs_total", {"outcome": "skipped"}) or 0.0
+
+
+async def _job(client: object, job_id: str) -> dict[str, object]:
+    response = await client.get(f"/api/v1/stampings/{job_id}")  # type: ignore[attr-defined]
+    body: dict[str, object] = response.json()
+    return body
+
+
+async def test_a_redelivered_request_neither_signs_again_nor_uses_another_serial(
+    stack: ServiceStack,
+) -> None:
+    await stack.mint(3)
+    api_key = await stack.create_distributor()
+    async with stack.client(api_key) as client:
+        await client.post("/api/v1/purchases", json={"quantity": 2})
+        job_id = (
+            await client.post(
+                "/api/v1/stampings", files={"file": ("a.pdf", make_pdf(2), "application/pdf")}
+            )
+        ).json()["id"]
+
+        async def done() -> dict[str, object] | None:
+            job = await _job(client, job_id)
+            return job if job["status"] == "done" else None
+
+        first = await wait_for(done, within=60)
+        document = (await client.get(f"/api/v1/stampings/{job_id}/document")).content
+
+        # The broker delivers the same request again (as after a crash or a rebalance).
+        before = skipped_jobs()
+        producer = AIOKafkaProducer(bootstrap_servers=stack.infra.kafka.bootstrap_servers)
+        await producer.start()
+        try:
+            for _ in range(3):
+                await producer.send_and_wait(
+                    stack.stamping_settings().requests_topic,
+                    key=job_id.encode(),
+                    value=json.dumps({"job_id": job_id}).encode(),
+                )
+        finally:
+            await producer.stop()
+
+        async def all_skipped() -> bool:
+            return skipped_jobs() >= before + 3
+
+        await wait_for(all_skipped, within=30)
+        assert await _job(client, job_id) == first
+        again = (await client.get(f"/api/v1/stampings/{job_id}/document")).content
+        assert again == document
+        balance = (await client.get("/api/v1/balance")).json()
+        assert balance["stamps"] == {"reserved": 0, "sold": 1, "used": 1}
+
+
+@pytest.mark.workers(0)
+async def test_a_job_that_cannot_be_stamped_fails_and_gives_its_serial_back(
+    stack: ServiceStack,
+) -> None:
+    await stack.mint(1)
+    api_key = await stack.create_distributor()
+    async with stack.client(api_key) as client:
+        (serial,) = (await client.post("/api/v1/purchases", json={"quantity": 1})).json()["serials"]
+        job_id = (
+            await client.post(
+                "/api/v1/stampings", files={"file": ("a.pdf", make_pdf(1), "application/pdf")}
+            )
+        ).json()["id"]
+        # The stored upload disappears before any worker gets to it.
+        (stack.blob_dir / "inputs" / f"{job_id}.pdf").unlink()
+        # A message that is not a request at all must not stop the worker either.
+        producer = AIOKafkaProducer(bootstrap_servers=stack.infra.kafka.bootstrap_servers)
+        await producer.start()
+        try:
+            await producer.send_and_wait(
+                stack.stamping_settings().requests_topic, key=b"junk", value=b"\x00not json"
+            )
+        finally:
+            await producer.stop()
+        await stack.add_worker()
+
+        async def failed() -> dict[str, object] | None:
+            job = await _job(client, job_id)
+            return job if job["status"] == "failed" else None
+
+        job = await wait_for(failed, within=60)
+        assert job["error"] == {"code": "input_missing", "detail": "The uploaded document is gone."}
+
+        async def released() -> bool:
+            (item,) = (await client.get("/api/v1/serials")).json()["items"]
+            return bool(item["state"] == "sold" and item["job_id"] is None)
+
+        await wait_for(released)
+        retry = await client.post(
+            "/api/v1/stampings",
+            files={"file": ("a.pdf", make_pdf(1), "application/pdf")},
+            data={"serial": serial},
+        )
+        assert retry.status_code == 202, retry.text
+
+        async def done() -> bool:
+            return (await _job(client, retry.json()["id"]))["status"] == "done"
+
+        await wait_for(done, within=60)
+
+
+async def test_unknown_job_ids_are_ignored(stack: ServiceStack) -> None:
+    before = skipped_jobs()
+    producer = AIOKafkaProducer(bootstrap_servers=stack.infra.kafka.bootstrap_servers)
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            stack.stamping_settings().requests_topic,
+            value=json.dumps({"job_id": str(uuid.uuid4())}).encode(),
+        )
+    finally:
+        await producer.stop()
+
+    async def skipped() -> bool:
+        return skipped_jobs() > before
+
+    await wait_for(skipped, within=30)
