@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,14 +13,21 @@ from tests.harness import Infrastructure, ServiceStack, running_stack, start_inf
 
 
 @pytest.fixture(scope="session")
-async def infra(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Infrastructure]:
-    """PostgreSQL, Redis and the Kafka-protocol broker, started once per session."""
-    root = tmp_path_factory.mktemp("infra")
-    infrastructure = await start_infrastructure(root)
+async def infra() -> AsyncIterator[Infrastructure]:
+    """PostgreSQL, Redis and the Kafka-protocol broker, started once per session.
+
+    Their data lives outside pytest's temporary folders: another pytest session on the same
+    machine prunes old folders there, and would delete a running server's data.
+    """
+    root = Path(tempfile.mkdtemp(prefix="meterai-test-infra-"))
     try:
-        yield infrastructure
+        infrastructure = await start_infrastructure(root)
+        try:
+            yield infrastructure
+        finally:
+            await infrastructure.supervisor.stop()
     finally:
-        await infrastructure.supervisor.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -13,11 +13,12 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import asyncpg
 import httpx
 import psutil
 import pytest
 
-from tests.harness import wait_for
+from tests.harness import Infrastructure, wait_for
 from tests.pdfs import make_pdf
 from tests.pdftools import pdfsig, qpdf_check
 
@@ -44,14 +45,16 @@ def _free_base_port() -> int:
     raise RuntimeError("no free port range")
 
 
-def spawn_up(data_dir: Path, log: Path, *args: str) -> subprocess.Popen[bytes]:
+def spawn_up(
+    data_dir: Path, log: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """Start `meterai up` in the background, its output going to `log`."""
     with open(log, "wb") as output:
         return subprocess.Popen(
             [sys.executable, "-m", "meterai", "--data-dir", str(data_dir), "up", *args],
             stdout=output,
             stderr=subprocess.STDOUT,
-            env=_clean_env(),
+            env={**_clean_env(), **(env or {})},
         )
 
 
@@ -83,10 +86,12 @@ class RunningStack:
 
 @asynccontextmanager
 async def meterai_up(
-    data_dir: Path, base_port: int, workers: int = 2
+    data_dir: Path, base_port: int, workers: int = 2, env: dict[str, str] | None = None
 ) -> AsyncIterator[RunningStack]:
     log = data_dir.parent / f"up-{base_port}-{os.urandom(3).hex()}.log"
-    process = spawn_up(data_dir, log, "--workers", str(workers), "--base-port", str(base_port))
+    process = spawn_up(
+        data_dir, log, "--workers", str(workers), "--base-port", str(base_port), env=env
+    )
     stack = RunningStack(process, f"http://127.0.0.1:{base_port}", log)
     try:
         async with httpx.AsyncClient(base_url=stack.gateway, timeout=5) as client:
@@ -216,3 +221,34 @@ async def test_a_second_up_on_the_same_data_is_refused(tmp_path: Path, base_port
         )
         assert second.returncode != 0
         assert "already running" in second.stdout + second.stderr
+
+
+async def test_configured_urls_replace_the_embedded_servers(
+    tmp_path: Path, base_port: int, infra: Infrastructure
+) -> None:
+    env = {
+        "METERAI_POSTGRES_URL": infra.postgres.url(),
+        "METERAI_REDIS_URL": infra.redis.url(3),
+        "METERAI_KAFKA_BOOTSTRAP_SERVERS": infra.kafka.bootstrap_servers,
+    }
+    async with meterai_up(tmp_path / "data", base_port, workers=1, env=env) as stack:
+        names = [p.name() for p in stack.descendants()]
+        assert "postgres" not in names, names
+        assert "redis-server" not in names and "tansu" not in names, names
+        async with httpx.AsyncClient(base_url=stack.gateway, timeout=30) as client:
+            health = (await client.get("/healthz")).json()
+            assert health["status"] == "ok", health
+            joined = await client.post("/queue/join")
+            assert joined.status_code == 200
+        created = meterai(tmp_path / "data", "distributor", "create", "external", "--balance", "0")
+        assert created.returncode == 0, created.stderr
+    # The stack's databases live on the configured server.
+    connection = await asyncpg.connect(infra.postgres.url())
+    try:
+        names_on_server = {
+            row["datname"] for row in await connection.fetch("SELECT datname FROM pg_database")
+        }
+        count = await connection.fetchval("SELECT 1")
+    finally:
+        await connection.close()
+    assert {"meterai_inventory", "meterai_stamping"} <= names_on_server and count == 1
