@@ -14,7 +14,7 @@ from starlette.responses import Response, StreamingResponse
 
 from services.gateway.auth import MissingCredentials, bearer_token, check_ops_token
 from services.gateway.routes import Access, Route
-from services.platform.errors import ServiceUnavailable
+from services.platform.errors import MeteraiError, ServiceUnavailable
 from services.platform.identity import PRINCIPAL_HEADER, Principal
 from services.platform.observability import REQUEST_ID_HEADER, request_id_of
 
@@ -55,6 +55,12 @@ _DROP_RESPONSE = frozenset(
 Endpoint = Callable[[Request], Coroutine[Any, Any, Response]]
 
 
+class PayloadTooLarge(MeteraiError):
+    status = 413
+    code = "payload_too_large"
+    title = "Payload too large"
+
+
 async def authenticate(request: Request, route: Route) -> Principal | None:
     """The principal the route needs, or a 401 problem."""
     state = request.app.state
@@ -75,8 +81,14 @@ def proxy_endpoint(route: Route) -> Endpoint:
     """A Starlette endpoint forwarding `route` to its upstream service."""
 
     async def forward(request: Request) -> Response:
-        principal = await authenticate(request, route)
         state = request.app.state
+        declared = request.headers.get("content-length", "")
+        limit: int = state.settings.max_body_bytes
+        # Refuse what is declared too large before reading a byte of it; services enforce their
+        # own, tighter limits on what actually arrives.
+        if declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"Requests are limited to {limit:,} bytes.")
+        principal = await authenticate(request, route)
         client: httpx.AsyncClient = state.upstreams[route.upstream]
         headers = [
             (name, value)

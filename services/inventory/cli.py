@@ -34,12 +34,18 @@ def _run_in_transaction(work: Callable[[AsyncSession], Awaitable[T]]) -> T:
         return asyncio.run(run())
     except (OSError, DBAPIError) as exc:
         if isinstance(exc, IntegrityError):
-            raise click.ClickException(f"refused by the database: {exc.orig}") from exc
+            raise click.ClickException(_integrity_message(exc)) from exc
         where = make_url(url).render_as_string(hide_password=True)
         raise click.ClickException(
             f"cannot reach the inventory database at {where} ({exc.__class__.__name__}); "
             "is `meterai up` running, or is METERAI_INVENTORY_DATABASE_URL set?"
         ) from exc
+
+
+def _integrity_message(exc: IntegrityError) -> str:
+    if "uq_distributors_name" in str(exc.orig):
+        return "a distributor with that name already exists"
+    return f"refused by the database: {exc.orig}"
 
 
 @click.group()

@@ -215,3 +215,15 @@ async def test_unknown_paths_and_methods(stack: ServiceStack) -> None:
     async with stack.client() as client:
         assert_problem(await client.get("/nope"), 404, "not_found")
         assert_problem(await client.delete("/api/v1/purchases"), 405, "method_not_allowed")
+
+
+@pytest.mark.parametrize("megabytes", [20.5, 22])
+async def test_oversized_uploads_are_refused(stack: ServiceStack, megabytes: float) -> None:
+    """Over the gateway's limit (21 MB) or the stamping service's own (20 MB)."""
+    api_key = await stack.create_distributor()
+    huge = b"%PDF-1.7\n" + b"0" * int(megabytes * 1024 * 1024)
+    async with stack.client(api_key) as client:
+        response = await client.post(
+            "/api/v1/stampings", files={"file": ("big.pdf", huge, "application/pdf")}
+        )
+        assert_problem(response, 413, "payload_too_large")
