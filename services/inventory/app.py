@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
@@ -35,22 +34,14 @@ def create_app(settings: InventorySettings | None = None) -> FastAPI:
             concurrency=8,
             max_batch=64,
         )
-        await consumer.start()
-        consumer_task = asyncio.create_task(consumer.run(), name="stamping-results-consumer")
-
-        async def consumer_alive() -> None:
-            if consumer_task.done():
-                raise RuntimeError("the stamping-results consumer stopped")
-
+        await consumer.start_in_background()
         health: HealthChecks = app.state.health
         health.add("database", lambda: check_database(engine))
-        health.add("kafka_consumer", consumer_alive)
+        health.add("kafka_consumer", consumer.check_running)
         try:
             yield
         finally:
-            consumer.request_stop()
-            with suppress(asyncio.CancelledError):
-                await asyncio.wait_for(consumer_task, timeout=30)
+            await consumer.stop_background()
             await engine.dispose()
 
     return create_service_app(

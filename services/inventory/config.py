@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from services.platform.settings import ServiceSettings
+from services.platform.settings import ServiceSettings, per_service
 
 
 class InventorySettings(ServiceSettings):
@@ -16,9 +16,7 @@ class InventorySettings(ServiceSettings):
     database_url: str = "postgresql://postgres@127.0.0.1:5432/meterai_inventory"
     kafka_bootstrap_servers: str = Field(
         default="127.0.0.1:9092",
-        validation_alias=AliasChoices(
-            "METERAI_INVENTORY_KAFKA_BOOTSTRAP_SERVERS", "METERAI_KAFKA_BOOTSTRAP_SERVERS"
-        ),
+        validation_alias=per_service("INVENTORY", "KAFKA_BOOTSTRAP_SERVERS"),
     )
     # Stamping results tell inventory which serials became used (or were released).
     stamping_results_topic: str = "stamping.results"

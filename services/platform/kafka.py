@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,11 +166,34 @@ class ConsumerLoop:
         self._processed: dict[TopicPartition, int] = {}
         self._stopping = asyncio.Event()
         self._semaphore = asyncio.Semaphore(concurrency)
+        self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Connect and join the consumer group."""
         await self.consumer.start()
         self.consumer.subscribe(self.topics, listener=_CommitOnRevoke(self))
+
+    async def start_in_background(self) -> None:
+        """Join the group and run the loop as a task of this event loop (an app's lifespan)."""
+        await self.start()
+        self._task = asyncio.create_task(self.run(), name=f"consume-{'-'.join(self.topics)}")
+
+    async def check_running(self) -> None:
+        """Health check: the background loop is still running."""
+        if self._task is None or self._task.done():
+            raise RuntimeError(f"the consumer of {', '.join(self.topics)} stopped")
+
+    async def stop_background(self) -> None:
+        """Stop the background loop: in-flight messages get the grace period, then commit."""
+        if self._task is None:
+            return
+        self.request_stop()
+        done, _ = await asyncio.wait({self._task}, timeout=self.grace_seconds + 10)
+        if not done:
+            self._task.cancel()
+        with suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
 
     def request_stop(self) -> None:
         """Stop fetching new batches (safe to call from a signal handler)."""

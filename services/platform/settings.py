@@ -25,6 +25,11 @@ def shared(name: str) -> AliasChoices:
     return AliasChoices(f"METERAI_{name}", name.lower())
 
 
+def per_service(service: str, name: str) -> AliasChoices:
+    """`METERAI_<SERVICE>_<NAME>`, falling back to the stack-wide `METERAI_<NAME>`."""
+    return AliasChoices(f"METERAI_{service}_{name}", f"METERAI_{name}", name.lower())
+
+
 class ServiceSettings(BaseSettings):
     """What every service needs; subclasses add their URLs with `env_prefix="METERAI_<SVC>_"`."""
 

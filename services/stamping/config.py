@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from services.platform.settings import ServiceSettings
+from services.platform.settings import ServiceSettings, per_service
 
 
 class StampingSettings(ServiceSettings):
@@ -18,9 +18,7 @@ class StampingSettings(ServiceSettings):
     database_url: str = "postgresql://postgres@127.0.0.1:5432/meterai_stamping"
     kafka_bootstrap_servers: str = Field(
         default="127.0.0.1:9092",
-        validation_alias=AliasChoices(
-            "METERAI_STAMPING_KAFKA_BOOTSTRAP_SERVERS", "METERAI_KAFKA_BOOTSTRAP_SERVERS"
-        ),
+        validation_alias=per_service("STAMPING", "KAFKA_BOOTSTRAP_SERVERS"),
     )
     inventory_url: str = "http://127.0.0.1:8002"
     blob_store_url: str = "file:///var/lib/meterai/blobs"

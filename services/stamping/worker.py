@@ -144,17 +144,7 @@ class SigningWorker:
         key = output_key(job.id)
         await self.blobs.put(key, signed)
         digest = hashlib.sha256(signed).hexdigest()
-        async with transaction(self.sessionmaker) as session:
-            finished = await repo.finish_job(
-                session,
-                job.id,
-                worker_id=self.worker_id,
-                status=JobStatus.done,
-                output_key=key,
-                output_sha256=digest,
-            )
-            if finished is not None:
-                await self._announce(session, finished)
+        finished = await self._finish(job, JobStatus.done, output_key=key, output_sha256=digest)
         if finished is None:
             log.warning("lease_lost", detail="another worker owns the job now")
             JOBS.labels("lease_lost").inc()
@@ -164,19 +154,22 @@ class SigningWorker:
         log.info("job_done", serial=job.serial, ms=round((time.perf_counter() - started) * 1000))
 
     async def _finish_failed(self, job: StampingJob, code: str, detail: str) -> None:
+        await self._finish(job, JobStatus.failed, error_code=code, error_detail=detail)
+        JOBS.labels("failed").inc()
+        log.info("job_failed", code=code, detail=detail)
+
+    async def _finish(
+        self, job: StampingJob, status: JobStatus, **outcome: str
+    ) -> StampingJob | None:
+        """Record the outcome and its `stamping.results` message in one transaction, if this
+        worker still holds the lease (None otherwise)."""
         async with transaction(self.sessionmaker) as session:
             finished = await repo.finish_job(
-                session,
-                job.id,
-                worker_id=self.worker_id,
-                status=JobStatus.failed,
-                error_code=code,
-                error_detail=detail,
+                session, job.id, worker_id=self.worker_id, status=status, **outcome
             )
             if finished is not None:
                 await self._announce(session, finished)
-        JOBS.labels("failed").inc()
-        log.info("job_failed", code=code, detail=detail)
+        return finished
 
     async def _announce(self, session: AsyncSession, job: StampingJob) -> None:
         status = "done" if job.status is JobStatus.done else "failed"
@@ -231,26 +224,18 @@ def create_worker_app(settings: StampingSettings | None = None) -> FastAPI:
             max_batch=max(2, settings.worker_concurrency * 2),
             grace_seconds=settings.worker_grace_seconds,
         )
-        await loop.start()
-        loop_task = asyncio.create_task(loop.run(), name="signing-consumer")
+        await loop.start_in_background()
         beat_task = asyncio.create_task(worker.heartbeat(), name="heartbeat")
-
-        async def consumer_alive() -> None:
-            if loop_task.done():
-                raise RuntimeError("the signing consumer stopped")
-
         health: HealthChecks = app.state.health
         health.add("database", lambda: check_database(engine))
-        health.add("consumer", consumer_alive)
+        health.add("consumer", loop.check_running)
         log.info("signing_worker_started", worker_id=worker_id)
         try:
             yield
         finally:
             # SIGTERM: stop fetching, let in-flight jobs finish within the grace period,
             # commit offsets, leave the group.
-            loop.request_stop()
-            with suppress(asyncio.CancelledError):
-                await asyncio.wait_for(loop_task, timeout=settings.worker_grace_seconds + 5)
+            await loop.stop_background()
             beat_task.cancel()
             with suppress(asyncio.CancelledError):
                 await beat_task
