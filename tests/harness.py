@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,13 +109,22 @@ async def start_infrastructure(root: Path) -> Infrastructure:
     return Infrastructure(postgres, redis, kafka, supervisor, keys, root)
 
 
+class _InProcessServer(uvicorn.Server):
+    """uvicorn without its signal handlers: many servers share this test process, and each
+    would otherwise install (and later restore) SIGINT/SIGTERM handlers over the others'."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 class Served:
     """An ASGI app served by uvicorn on a real port, in this event loop."""
 
     def __init__(self, app: FastAPI, port: int | None = None) -> None:
         self.app = app
         self.port = port or free_port()
-        self.server = uvicorn.Server(
+        self.server = _InProcessServer(
             uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None, lifespan="on")
         )
         self.task: asyncio.Task[None] | None = None
@@ -125,8 +134,6 @@ class Served:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> None:
-        # uvicorn would otherwise take over SIGINT/SIGTERM of the test process.
-        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self.task = asyncio.create_task(self.server.serve())
         while not self.server.started:
             if self.task.done():
@@ -267,7 +274,7 @@ class ServiceStack:
 
     async def create_distributor(self, name: str | None = None, balance: int = 1_000_000) -> str:
         """A new distributor; returns its API key."""
-        created = await self._inventory(
+        created: inventory_service.NewDistributor = await self._inventory(
             lambda session: inventory_service.create_distributor(
                 session, name or f"distributor-{uuid.uuid4().hex[:8]}", balance
             )

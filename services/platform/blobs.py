@@ -8,7 +8,7 @@ import re
 import uuid
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,255}$")
 
@@ -75,6 +75,11 @@ class FilesystemBlobStore:
 def blob_store_from_url(url: str) -> BlobStore:
     """`file:///var/lib/meterai/blobs` (or a plain path) → a filesystem store."""
     parsed = urlparse(url)
-    if parsed.scheme in ("", "file"):
-        return FilesystemBlobStore(Path(parsed.path if parsed.scheme else url))
+    if parsed.scheme == "":
+        return FilesystemBlobStore(Path(url))
+    if parsed.scheme == "file":
+        # `file://./blobs` would silently mean `/blobs`: only local, absolute paths.
+        if parsed.netloc not in ("", "localhost"):
+            raise ValueError(f"file URLs name a local absolute path, e.g. file:///data: {url!r}")
+        return FilesystemBlobStore(Path(unquote(parsed.path)))
     raise ValueError(f"unsupported blob store URL scheme {parsed.scheme!r}")

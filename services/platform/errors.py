@@ -17,6 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.platform.observability import REQUEST_ID_HEADER
+
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 PROBLEM_TYPE_BASE = "https://meterai.dev/problems/"
 
@@ -164,8 +166,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def crash(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled_error", path=request.url.path, error=repr(exc))
+        # This handler runs outside the request-id middleware, so add the id here: it is how
+        # the caller finds the logged error.
+        request_id = getattr(request.state, "request_id", None)
         return problem_response(
-            500, "internal_error", "Internal error", "An unexpected error occurred; it was logged."
+            500,
+            "internal_error",
+            "Internal error",
+            "An unexpected error occurred; it was logged.",
+            headers={REQUEST_ID_HEADER: request_id} if isinstance(request_id, str) else None,
         )
 
     app.add_exception_handler(MeteraiError, domain_error)

@@ -140,6 +140,7 @@ class ConsumerLoop:
         max_batch: int = 16,
         grace_seconds: float = 20.0,
         retry_backoff_seconds: float = 1.0,
+        close_timeout: float = 0.5,
         consumer_options: dict[str, Any] | None = None,
     ) -> None:
         self.topics = list(topics)
@@ -148,20 +149,25 @@ class ConsumerLoop:
         self.max_batch = max_batch
         self.grace_seconds = grace_seconds
         self.retry_backoff_seconds = retry_backoff_seconds
+        self.close_timeout = close_timeout
+        options: dict[str, Any] = {
+            "enable_auto_commit": False,
+            "auto_offset_reset": "earliest",
+            "max_poll_records": max_batch,
+            # 6 s is the smallest session Kafka brokers accept by default; joining a group
+            # takes about half of it on the embedded broker.
+            "session_timeout_ms": 6_000,
+            "heartbeat_interval_ms": 1_000,
+            # Signing a large document can take a while; stay in the group meanwhile.
+            "max_poll_interval_ms": 300_000,
+            # ...but a rebalance must not wait minutes for a member that stopped answering.
+            "rebalance_timeout_ms": 30_000,
+        }
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap_servers,
             group_id=group_id,
             client_id=client_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_records=max_batch,
-            # 6 s is the smallest session Kafka brokers accept by default; joining a group
-            # takes about half of it on the embedded broker.
-            session_timeout_ms=6_000,
-            heartbeat_interval_ms=1_000,
-            # Signing a large document can take a while; stay in the group meanwhile.
-            max_poll_interval_ms=300_000,
-            **(consumer_options or {}),
+            **{**options, **(consumer_options or {})},
         )
         self._processed: dict[TopicPartition, int] = {}
         self._stopping = asyncio.Event()
@@ -225,7 +231,22 @@ class ConsumerLoop:
             try:
                 await self.commit_processed()
             finally:
-                await self.consumer.stop()
+                await self._close()
+
+    async def _close(self) -> None:
+        """Leave the group; if a join is still in flight, do not wait for the broker to answer.
+
+        aiokafka's `stop()` first awaits an unfinished JoinGroup, which the broker may hold for
+        seconds (up to the rebalance timeout). Nothing was assigned yet, so nothing is lost by
+        closing the connections instead; the broker expires the member after its session.
+        """
+        try:
+            await asyncio.wait_for(self.consumer.stop(), timeout=self.close_timeout)
+        except TimeoutError:
+            log.warning("consumer_closed_while_joining", topics=self.topics)
+            # No public way to abort a join; these are aiokafka 0.14's own close steps.
+            await self.consumer._fetcher.close()
+            await self.consumer._client.close()
 
     async def _process(
         self,

@@ -1,0 +1,151 @@
+"""The engine URL, one transaction per unit of work, and the per-request session dependency."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from fastapi import APIRouter, FastAPI
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from services.platform.db import (
+    NAMING_CONVENTION,
+    SessionDep,
+    async_url,
+    check_database,
+    create_engine,
+    create_sessionmaker,
+    make_metadata,
+    transaction,
+)
+from services.platform.embedded import free_port
+from services.platform.errors import Conflict
+from tests.platform.apps import asgi_client, assert_problem, service_app
+from tests.platform.scratch import notes
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://u:p@db:5432/inventory", "postgresql+asyncpg://u:p@db:5432/inventory"),
+        ("postgres://u:p@db/inventory", "postgresql+asyncpg://u:p@db/inventory"),
+        ("postgresql+psycopg2://u@db/x", "postgresql+asyncpg://u@db/x"),
+        ("postgresql+asyncpg://u@db/x", "postgresql+asyncpg://u@db/x"),
+        # An escaped password stays escaped and visible (the engine needs it).
+        ("postgresql://u:p%40ss%2Fw@db/x", "postgresql+asyncpg://u:p%40ss%2Fw@db/x"),
+        ("sqlite+aiosqlite:///tmp/x.db", "sqlite+aiosqlite:///tmp/x.db"),
+    ],
+)
+def test_async_url_uses_the_asyncpg_driver(url: str, expected: str) -> None:
+    assert async_url(url) == expected
+
+
+def test_metadata_carries_the_naming_convention() -> None:
+    assert make_metadata().naming_convention == NAMING_CONVENTION
+
+
+@pytest.fixture
+async def engine(scratch_database: str) -> AsyncIterator[AsyncEngine]:
+    # A libpq-style URL, as operators write it: create_engine must accept it.
+    assert scratch_database.startswith("postgresql://")
+    engine = create_engine(scratch_database, pool_size=2)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+def sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return create_sessionmaker(engine)
+
+
+async def texts(sessions: async_sessionmaker[AsyncSession], marker: str) -> list[str]:
+    async with transaction(sessions) as session:
+        rows = await session.scalars(select(notes.c.text).where(notes.c.text.like(f"{marker}%")))
+        return sorted(rows)
+
+
+async def test_transaction_commits_when_the_block_ends(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    marker = uuid.uuid4().hex
+    async with transaction(sessions) as session:
+        await session.execute(notes.insert().values(text=f"{marker}-a"))
+        await session.execute(notes.insert().values(text=f"{marker}-b"))
+        assert session.in_transaction()
+    assert await texts(sessions, marker) == [f"{marker}-a", f"{marker}-b"]
+
+
+async def test_transaction_rolls_back_everything_on_an_exception(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    marker = uuid.uuid4().hex
+    with pytest.raises(ValueError, match="half way"):
+        async with transaction(sessions) as session:
+            await session.execute(notes.insert().values(text=f"{marker}-a"))
+            await session.flush()
+            raise ValueError("half way")
+    assert await texts(sessions, marker) == []
+
+
+async def test_transaction_rolls_back_on_a_database_error(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    marker = uuid.uuid4().hex
+    async with transaction(sessions) as session:
+        row_id = await session.scalar(
+            notes.insert().values(text=f"{marker}-kept").returning(notes.c.id)
+        )
+    with pytest.raises(IntegrityError):
+        async with transaction(sessions) as session:
+            await session.execute(notes.insert().values(text=f"{marker}-lost"))
+            await session.execute(notes.insert().values(id=row_id, text=f"{marker}-dup"))
+    assert await texts(sessions, marker) == [f"{marker}-kept"]
+
+
+async def test_check_database_passes_on_a_live_server_and_fails_on_a_dead_one(
+    engine: AsyncEngine,
+) -> None:
+    await check_database(engine)
+    dead = create_engine(f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere", pool_size=1)
+    try:
+        with pytest.raises(OSError):
+            await check_database(dead)
+    finally:
+        await dead.dispose()
+
+
+router = APIRouter()
+
+
+@router.post("/notes/{text}", status_code=201)
+async def add_note(text: str, session: SessionDep) -> dict[str, str]:
+    await session.execute(notes.insert().values(text=text))
+    if text.endswith("-refused"):
+        raise Conflict("Refused after writing.")
+    return {"text": text}
+
+
+@pytest.fixture
+def app(sessions: async_sessionmaker[AsyncSession]) -> FastAPI:
+    app = service_app("ptdb", [router])
+    app.state.sessionmaker = sessions
+    return app
+
+
+async def test_the_request_session_commits_before_the_response_and_rolls_back_on_error(
+    app: FastAPI, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    marker = uuid.uuid4().hex
+    async with asgi_client(app) as client:
+        created = await client.post(f"/notes/{marker}-ok")
+        # Visible to another session as soon as the response arrived.
+        assert await texts(sessions, marker) == [f"{marker}-ok"]
+        refused = await client.post(f"/notes/{marker}-refused")
+    assert created.status_code == 201
+    assert_problem(refused, 409, "conflict")
+    assert await texts(sessions, marker) == [f"{marker}-ok"]
