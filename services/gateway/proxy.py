@@ -33,6 +33,7 @@ _DROP_REQUEST = frozenset(
         "upgrade",
         "host",
         "authorization",
+        "x-forwarded-for",  # re-added below, with this hop
         PRINCIPAL_HEADER,
         REQUEST_ID_HEADER,
     }
