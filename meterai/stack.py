@@ -378,7 +378,8 @@ def _print_summary(stack: Stack, endpoints: Endpoints, announce: Callable[[str],
         f"  redis:                {endpoints.redis}",
         f"  kafka:                {endpoints.kafka}",
         f"  data and logs:        {stack.data_dir}",
-        "Create a distributor: meterai distributor create NAME --balance 1000000",
+        f"Create a distributor: {os.environ.get('METERAI_PROG', 'meterai')} "
+        "distributor create NAME --balance 1000000",
         "Press Ctrl-C to stop.",
     ]
     for line in lines:
