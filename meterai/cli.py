@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from meterai.stack import DATABASES, SERVICES_DIR, StackSettings, run_stack, stack_env
-from services.inventory.cli import distributor, serials
+from services.inventory.cli import distributor, reconcile, serials
 from services.stamping.cli import keys
 
 
@@ -85,4 +85,5 @@ def migrate() -> None:
 
 main.add_command(distributor)
 main.add_command(serials)
+main.add_command(reconcile)
 main.add_command(keys)

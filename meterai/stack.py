@@ -49,6 +49,8 @@ class StackSettings(BaseSettings):
     host: str = "127.0.0.1"
     base_port: int = 8000
     workers: int = 2
+    # The waiting room's event (e.g. "cpns-2024"): admission credentials are valid for it only.
+    event: str = "default"
     # A PostgreSQL server URL; the stack creates one database per service on it.
     postgres_url: str | None = None
     redis_url: str | None = None
@@ -93,14 +95,16 @@ class Endpoints:
 def _secrets(data_dir: Path) -> dict[str, str]:
     """Per-installation secrets, created on first use and kept across restarts."""
     path = data_dir / "secrets.json"
+    values: dict[str, str] = {}
     if path.exists():
-        stored: dict[str, str] = json.loads(path.read_text())
-        return stored
-    values = {
-        "internal_secret": secrets.token_urlsafe(32),
-        "ops_token": secrets.token_urlsafe(24),
-    }
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        values = json.loads(path.read_text())
+    wanted = ("internal_secret", "ops_token", "admission_secret", "payment_secret")
+    if all(name in values for name in wanted):
+        return values
+    # Data directories from older versions lack the newer secrets: add them, keep the rest.
+    for name in wanted:
+        values.setdefault(name, secrets.token_urlsafe(32))
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w") as handle:
         json.dump(values, handle)
     return values
@@ -185,6 +189,9 @@ class Stack:
         env = {
             "METERAI_ENVIRONMENT": "development",
             "METERAI_INTERNAL_SECRET": secrets_["internal_secret"],
+            "METERAI_ADMISSION_SECRET": secrets_["admission_secret"],
+            "METERAI_EVENT": self.settings.event,
+            "METERAI_INVENTORY_PAYMENT_SECRET": secrets_["payment_secret"],
             "METERAI_PUBLIC_BASE_URL": f"http://{host}:{ports.gateway}",
             "METERAI_KAFKA_BOOTSTRAP_SERVERS": endpoints.kafka,
             "METERAI_GATEWAY_INVENTORY_URL": f"http://{host}:{ports.inventory}",
@@ -373,6 +380,8 @@ def _print_summary(stack: Stack, endpoints: Endpoints, announce: Callable[[str],
         f"  OpenAPI:              {endpoints.services['gateway']}/openapi.json",
         f"  health:               {endpoints.services['gateway']}/healthz",
         f"  ops token:            {secrets_['ops_token']}",
+        f"  payment callback:     {endpoints.services['gateway']}/api/v1/payments/notify "
+        f"(HMAC secret in {stack.data_dir / 'secrets.json'})",
         f"  signing workers:      {stack.settings.workers}",
         f"  postgres:             {endpoints.postgres_server}",
         f"  redis:                {endpoints.redis}",

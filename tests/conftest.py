@@ -32,6 +32,9 @@ async def infra() -> AsyncIterator[Infrastructure]:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "workers(n): signing workers the `stack` fixture starts")
+    config.addinivalue_line(
+        "markers", "settings(**per_service): setting overrides for the `stack` fixture"
+    )
 
 
 @pytest.fixture
@@ -42,7 +45,9 @@ async def stack(
     (one unless the test is marked `@pytest.mark.workers(n)`)."""
     marker = request.node.get_closest_marker("workers")
     workers = marker.args[0] if marker else 1
-    async with running_stack(infra, tmp_path, workers=workers) as started:
+    settings = request.node.get_closest_marker("settings")
+    overrides = settings.kwargs if settings else {}
+    async with running_stack(infra, tmp_path, workers=workers, overrides=overrides) as started:
         yield started
 
 

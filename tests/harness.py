@@ -25,6 +25,7 @@ from services.gateway.config import GatewaySettings
 from services.inventory import service as inventory_service
 from services.inventory.app import create_app as create_inventory
 from services.inventory.config import InventorySettings
+from services.platform.admission import AdmissionCodec
 from services.platform.db import create_engine, create_sessionmaker, transaction
 from services.platform.embedded import (
     EmbeddedKafka,
@@ -47,6 +48,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ROOT / "services"
 INTERNAL_SECRET = "test-internal-secret-that-is-long-enough-0123456789"
 OPS_TOKEN = "test-ops-token"
+ADMISSION_SECRET = "test-admission-secret-that-is-long-enough-0123"
+PAYMENT_SECRET = "test-payment-secret-of-the-provider-0123456789"
 TEMPLATES = {"inventory": "tmpl_inventory", "stamping": "tmpl_stamping"}
 
 
@@ -161,10 +164,28 @@ class ServiceStack:
     blob_dir: Path
     servers: dict[str, Served] = field(default_factory=dict)
     workers: list[Served] = field(default_factory=list)
+    # Per-service setting overrides, e.g. {"inventory": {"reservation_ttl_seconds": 1}}.
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def gateway_url(self) -> str:
         return self.servers["gateway"].url
+
+    @property
+    def event(self) -> str:
+        return f"test-{self.suffix}"
+
+    def admission_token(self, ticket: int) -> str:
+        """An admission credential for `ticket`, in the waiting room's own format."""
+        return AdmissionCodec(ADMISSION_SECRET).issue(self.event, ticket)
+
+    def applicant(self, ticket: int, timeout: float = 30) -> httpx.AsyncClient:
+        """An HTTP client for an applicant admitted with queue number `ticket`."""
+        return httpx.AsyncClient(
+            base_url=self.gateway_url,
+            headers={"X-Admission-Token": self.admission_token(ticket)},
+            timeout=timeout,
+        )
 
     def common(self) -> dict[str, Any]:
         return {
@@ -175,13 +196,16 @@ class ServiceStack:
         }
 
     def inventory_settings(self) -> InventorySettings:
-        return InventorySettings(
+        values: dict[str, Any] = {
             **self.common(),
-            database_url=self.inventory_db,
-            kafka_bootstrap_servers=self.infra.kafka.bootstrap_servers,
-            stamping_results_topic=f"stamping.results.{self.suffix}",
-            consumer_group=f"inventory-{self.suffix}",
-        )
+            "database_url": self.inventory_db,
+            "kafka_bootstrap_servers": self.infra.kafka.bootstrap_servers,
+            "stamping_results_topic": f"stamping.results.{self.suffix}",
+            "consumer_group": f"inventory-{self.suffix}",
+            "payment_secret": PAYMENT_SECRET,
+            **self.overrides.get("inventory", {}),
+        }
+        return InventorySettings(**values)
 
     def stamping_settings(self, **overrides: Any) -> StampingSettings:
         keys = self.infra.keys
@@ -198,6 +222,7 @@ class ServiceStack:
             "signing_cert_path": keys.signer_cert,
             "signing_chain_paths": [keys.ca_cert],
             "worker_grace_seconds": 5.0,
+            **self.overrides.get("stamping", {}),
         }
         values.update(overrides)
         return StampingSettings(**values)
@@ -219,9 +244,13 @@ class ServiceStack:
             "queue",
             create_queue(
                 QueueSettings(
-                    **self.common(),
-                    redis_url=self.infra.redis.url(),
-                    event=f"test-{self.suffix}",
+                    **{
+                        **self.common(),
+                        "redis_url": self.infra.redis.url(),
+                        "event": self.event,
+                        "admission_secret": ADMISSION_SECRET,
+                        **self.overrides.get("queue", {}),
+                    }
                 )
             ),
         )
@@ -229,11 +258,16 @@ class ServiceStack:
             await self.add_worker()
         gateway = create_gateway(
             GatewaySettings(
-                **self.common(),
-                inventory_url=self.servers["inventory"].url,
-                queue_url=self.servers["queue"].url,
-                stamping_url=self.servers["stamping"].url,
-                ops_token=OPS_TOKEN,
+                **{
+                    **self.common(),
+                    "inventory_url": self.servers["inventory"].url,
+                    "queue_url": self.servers["queue"].url,
+                    "stamping_url": self.servers["stamping"].url,
+                    "ops_token": OPS_TOKEN,
+                    "event": self.event,
+                    "admission_secret": ADMISSION_SECRET,
+                    **self.overrides.get("gateway", {}),
+                }
             )
         )
         self.servers["gateway"] = Served(gateway, gateway_port)
@@ -303,7 +337,10 @@ class ServiceStack:
 
 @contextlib.asynccontextmanager
 async def running_stack(
-    infra: Infrastructure, tmp: Path, workers: int = 1
+    infra: Infrastructure,
+    tmp: Path,
+    workers: int = 1,
+    overrides: dict[str, dict[str, Any]] | None = None,
 ) -> AsyncIterator[ServiceStack]:
     """A started stack with fresh databases, torn down afterwards."""
     stack = ServiceStack(
@@ -312,6 +349,7 @@ async def running_stack(
         stamping_db=await infra.create_database("stamping"),
         suffix=uuid.uuid4().hex[:10],
         blob_dir=tmp / "blobs",
+        overrides=overrides or {},
     )
     try:
         await stack.start(workers=workers)

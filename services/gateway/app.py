@@ -16,6 +16,7 @@ from services.gateway.auth import DistributorAuthenticator
 from services.gateway.config import GatewaySettings
 from services.gateway.proxy import proxy_endpoint
 from services.gateway.routes import ROUTES, Upstream
+from services.platform.admission import AdmissionCodec
 from services.platform.app import create_service_app
 from services.platform.errors import ServiceUnavailable
 from services.platform.http import ServiceClient, create_http_client
@@ -54,6 +55,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             ),
             ttl_seconds=settings.auth_cache_seconds,
         )
+        app.state.admission_codec = AdmissionCodec(settings.admission_secret.get_secret_value())
         app.state.openapi_document = None
         try:
             yield

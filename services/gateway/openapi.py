@@ -29,6 +29,7 @@ accept an `Idempotency-Key` header.
 
 _SECURITY: dict[Access, list[dict[str, list[str]]]] = {
     Access.distributor: [{"distributorKey": []}],
+    Access.customer: [{"distributorKey": []}, {"admissionToken": []}],
     Access.operator: [{"opsToken": []}],
     Access.public: [],
 }
@@ -81,6 +82,12 @@ def merge(documents: dict[Upstream, Any]) -> dict[str, Any]:
                     "type": "http",
                     "scheme": "bearer",
                     "description": "A distributor API key.",
+                },
+                "admissionToken": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "X-Admission-Token",
+                    "description": "The waiting room's admission credential (or its cookie).",
                 },
                 "opsToken": {
                     "type": "http",

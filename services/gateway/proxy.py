@@ -9,13 +9,14 @@ from typing import Any
 import httpx
 import structlog
 from starlette.background import BackgroundTask
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
 from services.gateway.auth import MissingCredentials, bearer_token, check_ops_token
 from services.gateway.routes import Access, Route
+from services.platform.admission import ADMISSION_COOKIE, ADMISSION_HEADER, AdmissionCodec
 from services.platform.errors import MeteraiError, ServiceUnavailable
-from services.platform.identity import PRINCIPAL_HEADER, Principal
+from services.platform.identity import PRINCIPAL_HEADER, Principal, PrincipalKind
 from services.platform.observability import REQUEST_ID_HEADER, request_id_of
 
 log = structlog.get_logger(__name__)
@@ -54,6 +55,8 @@ _DROP_RESPONSE = frozenset(
 )
 
 Endpoint = Callable[[Request], Coroutine[Any, Any, Response]]
+# nginx's status for "the client closed the connection before we answered" (for metrics).
+CLIENT_CLOSED_REQUEST = 499
 
 
 class PayloadTooLarge(MeteraiError):
@@ -70,12 +73,20 @@ async def authenticate(request: Request, route: Route) -> Principal | None:
     if route.access is Access.operator:
         return check_ops_token(request, state.settings.ops_token.get_secret_value())
     api_key = bearer_token(request)
-    if api_key is None:
+    if api_key is not None:
+        principal: Principal = await state.authenticator.authenticate(api_key)
+        return principal
+    if route.access is Access.customer:
+        token = request.headers.get(ADMISSION_HEADER) or request.cookies.get(ADMISSION_COOKIE)
+        if token:
+            codec: AdmissionCodec = state.admission_codec
+            admission = codec.verify(token, event=state.settings.event)
+            return Principal(PrincipalKind.applicant, admission.applicant_id)
         raise MissingCredentials(
-            "Send your API key as `Authorization: Bearer <api key>`.",
+            "Distributors send `Authorization: Bearer <api key>`; applicants pass the waiting "
+            "room first (POST /queue/join) and send the admission credential it gives."
         )
-    principal: Principal = await state.authenticator.authenticate(api_key)
-    return principal
+    raise MissingCredentials("Send your API key as `Authorization: Bearer <api key>`.")
 
 
 def proxy_endpoint(route: Route) -> Endpoint:
@@ -113,6 +124,10 @@ def proxy_endpoint(route: Route) -> Endpoint:
         )
         try:
             upstream = await client.send(upstream_request, stream=True)
+        except ClientDisconnect:
+            # The caller hung up while its body was still streaming in: nobody to answer.
+            log.info("client_disconnected", upstream=route.upstream.value)
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         except httpx.TimeoutException as exc:
             log.warning("upstream_timeout", upstream=route.upstream.value, error=repr(exc))
             raise ServiceUnavailable(

@@ -18,6 +18,7 @@ class Upstream(StrEnum):
 class Access(StrEnum):
     public = "public"  # anyone; no principal is forwarded
     distributor = "distributor"  # a distributor API key
+    customer = "customer"  # a distributor API key, or an applicant's admission credential
     operator = "operator"  # the operations token
 
 
@@ -47,30 +48,32 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/ops/queue", Upstream.queue, Access.operator, RouteClass.read),
     Route("PATCH", "/ops/queue", Upstream.queue, Access.operator, RouteClass.write),
     # Purchases.
-    Route("POST", "/api/v1/purchases", Upstream.inventory, Access.distributor, RouteClass.write),
+    Route("POST", "/api/v1/purchases", Upstream.inventory, Access.customer, RouteClass.write),
     Route(
         "GET",
         "/api/v1/purchases/{purchase_id}",
         Upstream.inventory,
-        Access.distributor,
+        Access.customer,
         RouteClass.read,
     ),
     Route("GET", "/api/v1/balance", Upstream.inventory, Access.distributor, RouteClass.read),
-    Route("GET", "/api/v1/serials", Upstream.inventory, Access.distributor, RouteClass.read),
+    Route("GET", "/api/v1/serials", Upstream.inventory, Access.customer, RouteClass.read),
+    # The payment provider's callback: authenticated by its HMAC signature, not by us.
+    Route("POST", "/api/v1/payments/notify", Upstream.inventory, Access.public, RouteClass.write),
     # Stamping.
-    Route("POST", "/api/v1/stampings", Upstream.stamping, Access.distributor, RouteClass.upload),
+    Route("POST", "/api/v1/stampings", Upstream.stamping, Access.customer, RouteClass.upload),
     Route(
         "GET",
         "/api/v1/stampings/{job_id}",
         Upstream.stamping,
-        Access.distributor,
+        Access.customer,
         RouteClass.read,
     ),
     Route(
         "GET",
         "/api/v1/stampings/{job_id}/document",
         Upstream.stamping,
-        Access.distributor,
+        Access.customer,
         RouteClass.read,
     ),
 )

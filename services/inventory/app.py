@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 
 from fastapi import FastAPI
 
 from services.inventory.config import InventorySettings
 from services.inventory.consumer import StampingResultHandler
 from services.inventory.router import internal, router
+from services.inventory.sweeper import run_sweeper
 from services.platform.app import create_service_app
 from services.platform.db import check_database, create_engine, create_sessionmaker
 from services.platform.health import HealthChecks
@@ -22,7 +24,11 @@ def create_app(settings: InventorySettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = create_engine(settings.database_url, pool_size=settings.db_pool_size)
+        engine = create_engine(
+            settings.database_url,
+            pool_size=settings.db_pool_size,
+            pool_timeout=settings.db_pool_timeout_seconds,
+        )
         app.state.engine = engine
         app.state.sessionmaker = sessionmaker = create_sessionmaker(engine)
         consumer = ConsumerLoop(
@@ -35,12 +41,18 @@ def create_app(settings: InventorySettings | None = None) -> FastAPI:
             max_batch=64,
         )
         await consumer.start_in_background()
+        sweeper = asyncio.create_task(
+            run_sweeper(sessionmaker, settings.sweep_interval_seconds), name="reservation-sweeper"
+        )
         health: HealthChecks = app.state.health
         health.add("database", lambda: check_database(engine))
         health.add("kafka_consumer", consumer.check_running)
         try:
             yield
         finally:
+            sweeper.cancel()
+            with suppress(asyncio.CancelledError):
+                await sweeper
             await consumer.stop_background()
             await engine.dispose()
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from services.platform.settings import ServiceSettings, per_service
+
+DEV_PAYMENT_SECRET = "meterai-development-payment-secret-change-me"  # noqa: S105
 
 
 class InventorySettings(ServiceSettings):
@@ -24,3 +26,18 @@ class InventorySettings(ServiceSettings):
     stamp_price_rupiah: int = 10_000
     max_quantity_per_purchase: int = 1_000
     db_pool_size: int = 10
+    db_pool_timeout_seconds: float = 10.0
+
+    # Applicants: how many stamps one admitted applicant may hold, and how long a
+    # reservation waits for its payment.
+    applicant_max_stamps: int = 2
+    reservation_ttl_seconds: int = 900
+    sweep_interval_seconds: float = 5.0
+    # The payment provider signs callbacks with this secret (HMAC-SHA256); callbacks older
+    # than the tolerance are refused as replays.
+    payment_secret: SecretStr = SecretStr(DEV_PAYMENT_SECRET)
+    payment_tolerance_seconds: int = 300
+    payment_provider: str = "provider"
+
+    def secrets(self) -> dict[str, str]:
+        return {**super().secrets(), "payment_secret": self.payment_secret.get_secret_value()}

@@ -5,8 +5,10 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     CheckConstraint,
     DateTime,
@@ -65,6 +67,8 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(20))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set when the key was rotated: it keeps working until then, so clients can switch over.
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Serial(Base):
@@ -95,7 +99,15 @@ class Serial(Base):
 
 class Purchase(Base):
     __tablename__ = "purchases"
-    __table_args__ = (CheckConstraint("quantity > 0", name="quantity_positive"),)
+    __table_args__ = (
+        CheckConstraint("quantity > 0", name="quantity_positive"),
+        # The sweeper looks only at reservations still waiting for their payment.
+        Index(
+            "ix_purchases_pending_expiry",
+            "expires_at",
+            postgresql_where=text("status = 'pending_payment'"),
+        ),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     owner: Mapped[str] = mapped_column(String(100), index=True)
@@ -107,16 +119,56 @@ class Purchase(Base):
     )
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     paid_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Applicants' purchases wait for a payment quoting this reference until `expires_at`.
+    payment_reference: Mapped[str | None] = mapped_column(String(40), unique=True)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class LedgerUnit(StrEnum):
+    rupiah = "IDR"
+    stamp = "STAMP"
 
 
 class LedgerEntry(Base):
-    """One leg of a balanced money movement; the legs of a `txn_id` sum to zero."""
+    """One leg of a balanced movement of money or stamps: per unit, the legs of a `txn_id`
+    sum to zero."""
 
     __tablename__ = "ledger_entries"
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     txn_id: Mapped[uuid.UUID] = mapped_column(Uuid, index=True)
     account: Mapped[str] = mapped_column(String(120), index=True)
+    unit: Mapped[str] = mapped_column(String(8), default=LedgerUnit.rupiah.value)
     amount: Mapped[int] = mapped_column(BigInteger)
     memo: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class PaymentOutcome(StrEnum):
+    applied = "applied"
+    duplicate = "duplicate"  # the same provider event again
+    already_paid = "already_paid"  # another event for a purchase that is paid: refund it
+    late = "late"  # paid after the reservation expired: refund it (or honour it by hand)
+    amount_mismatch = "amount_mismatch"
+    unknown_reference = "unknown_reference"
+    not_paid = "not_paid"  # the provider reports a failed or cancelled payment
+
+
+class PaymentEvent(Base):
+    """Every callback the payment provider sent, with what it did; operators work from the
+    ones that need a refund."""
+
+    __tablename__ = "payment_events"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(100), unique=True)
+    reference: Mapped[str] = mapped_column(String(40), index=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(20))
+    outcome: Mapped[PaymentOutcome] = mapped_column(
+        Enum(PaymentOutcome, name="payment_outcome", native_enum=True)
+    )
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    received_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )

@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, insert, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -14,7 +14,11 @@ from services.inventory.models import (
     ApiKey,
     Distributor,
     LedgerEntry,
+    LedgerUnit,
+    PaymentEvent,
+    PaymentOutcome,
     Purchase,
+    PurchaseStatus,
     Serial,
     SerialState,
 )
@@ -24,6 +28,7 @@ from services.inventory.models import (
 class Leg:
     account: str
     amount: int
+    unit: LedgerUnit = LedgerUnit.rupiah
 
 
 def distributor_account(distributor_id: uuid.UUID) -> str:
@@ -31,21 +36,54 @@ def distributor_account(distributor_id: uuid.UUID) -> str:
     return f"distributor:{distributor_id}"
 
 
+def owned_stamps_account(owner: str) -> str:
+    """The ledger account counting an owner's bought, unused stamps."""
+    return f"stamps:owned:{owner}"
+
+
 DEPOSITS_ACCOUNT = "deposits"
 REVENUE_ACCOUNT = "revenue:stamps"
+STAMPS_MINTED = "stamps:minted"
+STAMPS_POOL = "stamps:pool"
+STAMPS_RESERVED = "stamps:reserved"
+STAMPS_USED = "stamps:used"
+
+
+def payments_account(provider: str) -> str:
+    """Money received through a payment provider (applicants pay there)."""
+    return f"payments:{provider}"
+
+
+def stamp_move(source: str, target: str, count: int) -> list[Leg]:
+    """Legs moving `count` stamps from one ledger account to another."""
+    return [Leg(source, -count, LedgerUnit.stamp), Leg(target, count, LedgerUnit.stamp)]
+
+
+def money_move(source: str, target: str, amount: int) -> list[Leg]:
+    """Legs moving `amount` rupiah from one ledger account to another."""
+    return [Leg(source, -amount), Leg(target, amount)]
 
 
 async def add_ledger_txn(session: AsyncSession, memo: str, legs: Sequence[Leg]) -> uuid.UUID:
-    """Record one balanced movement (the legs must sum to zero)."""
-    if sum(leg.amount for leg in legs) != 0:
-        raise ValueError("ledger legs must balance")
+    """Record one movement; per unit, its legs must sum to zero (one INSERT round trip)."""
+    for unit in {leg.unit for leg in legs}:
+        if sum(leg.amount for leg in legs if leg.unit == unit) != 0:
+            raise ValueError(f"ledger legs in {unit} must balance")
     txn_id = uuid.uuid4()
     await session.execute(
-        insert(LedgerEntry),
-        [
-            {"txn_id": txn_id, "account": leg.account, "amount": leg.amount, "memo": memo}
-            for leg in legs
-        ],
+        insert(LedgerEntry).values(
+            [
+                {
+                    "txn_id": txn_id,
+                    "account": leg.account,
+                    "unit": leg.unit.value,
+                    "amount": leg.amount,
+                    "memo": memo,
+                }
+                for leg in legs
+                if leg.amount
+            ]
+        )
     )
     return txn_id
 
@@ -56,7 +94,11 @@ async def distributor_by_key_hash(session: AsyncSession, key_hash: str) -> Distr
         await session.execute(
             select(Distributor)
             .join(ApiKey, ApiKey.distributor_id == Distributor.id)
-            .where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
+            .where(
+                ApiKey.key_hash == key_hash,
+                ApiKey.revoked_at.is_(None),
+                or_(ApiKey.expires_at.is_(None), ApiKey.expires_at > func.now()),
+            )
         )
     ).scalar_one_or_none()
 
@@ -173,3 +215,177 @@ async def first_unclaimed_serial(session: AsyncSession, owner: str) -> Serial | 
             .with_for_update(skip_locked=True)
         )
     ).scalar_one_or_none()
+
+
+async def lock_owner(session: AsyncSession, owner: str) -> None:
+    """Serialise one owner's purchases for the rest of the transaction (limits per applicant)."""
+    await session.execute(select(func.pg_advisory_xact_lock(func.hashtext(owner))))
+
+
+async def stamps_held(session: AsyncSession, owner: str) -> int:
+    """Serials reserved, bought or used by `owner`."""
+    count = await session.scalar(
+        select(func.count()).select_from(Serial).where(Serial.owner == owner)
+    )
+    return int(count or 0)
+
+
+async def purchase_by_reference_for_update(
+    session: AsyncSession, reference: str
+) -> Purchase | None:
+    return (
+        await session.execute(
+            select(Purchase).where(Purchase.payment_reference == reference).with_for_update()
+        )
+    ).scalar_one_or_none()
+
+
+async def set_purchase_serials_state(
+    session: AsyncSession,
+    purchase_id: uuid.UUID,
+    *,
+    from_state: SerialState,
+    to_state: SerialState,
+    release: bool = False,
+) -> int:
+    """Move a purchase's serials between states; `release` gives them back to the pool."""
+    values: dict[str, object] = {"state": to_state}
+    if release:
+        values.update(owner=None, purchase_id=None, sold_at=None)
+    else:
+        values.update(sold_at=func.now())
+    result = await session.execute(
+        update(Serial)
+        .where(Serial.purchase_id == purchase_id, Serial.state == from_state)
+        .values(**values)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+async def record_payment_event(
+    session: AsyncSession,
+    *,
+    event_id: str,
+    reference: str,
+    amount: int,
+    status: str,
+    payload: dict[str, object],
+) -> PaymentEvent | None:
+    """Store a provider event; None if it was stored before (a duplicate delivery)."""
+    row = await session.execute(
+        pg_insert(PaymentEvent)
+        .values(
+            event_id=event_id,
+            reference=reference,
+            amount=amount,
+            status=status,
+            outcome=PaymentOutcome.applied,
+            payload=payload,
+        )
+        .on_conflict_do_nothing(index_elements=[PaymentEvent.event_id])
+        .returning(PaymentEvent)
+    )
+    return row.scalar_one_or_none()
+
+
+async def expired_reservations(session: AsyncSession, limit: int) -> list[Purchase]:
+    """Reservations past their expiry, locked so that sweepers in other replicas skip them."""
+    rows = await session.execute(
+        select(Purchase)
+        .where(Purchase.status == PurchaseStatus.pending_payment, Purchase.expires_at < func.now())
+        .order_by(Purchase.expires_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return list(rows.scalars().all())
+
+
+async def api_keys_of(session: AsyncSession, distributor_id: uuid.UUID) -> list[ApiKey]:
+    rows = await session.execute(
+        select(ApiKey).where(ApiKey.distributor_id == distributor_id).order_by(ApiKey.created_at)
+    )
+    return list(rows.scalars().all())
+
+
+async def distributor_by_name(session: AsyncSession, name: str) -> Distributor | None:
+    return (
+        await session.execute(select(Distributor).where(Distributor.name == name))
+    ).scalar_one_or_none()
+
+
+async def ledger_totals(session: AsyncSession) -> dict[tuple[str, str], int]:
+    """The balance of every (account, unit)."""
+    rows = await session.execute(
+        select(LedgerEntry.account, LedgerEntry.unit, func.sum(LedgerEntry.amount)).group_by(
+            LedgerEntry.account, LedgerEntry.unit
+        )
+    )
+    return {(account, unit): int(total) for account, unit, total in rows.all()}
+
+
+async def unbalanced_transactions(session: AsyncSession) -> list[tuple[uuid.UUID, str, int]]:
+    rows = await session.execute(
+        select(LedgerEntry.txn_id, LedgerEntry.unit, func.sum(LedgerEntry.amount))
+        .group_by(LedgerEntry.txn_id, LedgerEntry.unit)
+        .having(func.sum(LedgerEntry.amount) != 0)
+    )
+    return [(txn, unit, int(total)) for txn, unit, total in rows.all()]
+
+
+async def serial_counts_by_owner(session: AsyncSession) -> dict[tuple[str | None, str], int]:
+    rows = await session.execute(
+        select(Serial.owner, Serial.state, func.count()).group_by(Serial.owner, Serial.state)
+    )
+    return {(owner, SerialState(state).value): int(n) for owner, state, n in rows.all()}
+
+
+async def paid_revenue(session: AsyncSession) -> int:
+    total = await session.scalar(
+        select(func.coalesce(func.sum(Purchase.amount), 0)).where(
+            Purchase.status == PurchaseStatus.paid
+        )
+    )
+    return int(total or 0)
+
+
+async def inconsistent_serials(session: AsyncSession) -> list[str]:
+    """Serials whose row contradicts the rules (each kind named with a count)."""
+    checks = {
+        "sold or used serials without an owner": "state IN ('sold', 'used') AND owner IS NULL",
+        "used serials without a job": "state = 'used' AND job_id IS NULL",
+        "available serials with an owner": "state = 'available' AND owner IS NOT NULL",
+        "reserved serials outside a pending purchase": (
+            "state = 'reserved' AND NOT EXISTS (SELECT 1 FROM purchases p "
+            "WHERE p.id = serials.purchase_id AND p.status = 'pending_payment')"
+        ),
+    }
+    found = []
+    for label, condition in checks.items():
+        count = await session.scalar(
+            select(func.count()).select_from(Serial).where(text(condition))
+        )
+        if count:
+            found.append(f"{count} {label}")
+    return found
+
+
+async def payment_events_needing_attention(session: AsyncSession) -> list[PaymentEvent]:
+    rows = await session.execute(
+        select(PaymentEvent)
+        .where(
+            PaymentEvent.outcome.in_(
+                [
+                    PaymentOutcome.late,
+                    PaymentOutcome.already_paid,
+                    PaymentOutcome.amount_mismatch,
+                    PaymentOutcome.unknown_reference,
+                ]
+            )
+        )
+        .order_by(PaymentEvent.received_at)
+    )
+    return list(rows.scalars().all())
+
+
+async def all_distributors(session: AsyncSession) -> list[Distributor]:
+    return list((await session.execute(select(Distributor))).scalars().all())

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import uuid
+from datetime import timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 
 from services.inventory import repository as repo
 from services.inventory import service
 from services.inventory.config import InventorySettings
-from services.inventory.models import SerialState, idempotency_keys
+from services.inventory.models import Purchase, SerialState, idempotency_keys
 from services.inventory.schemas import (
     AuthenticatedDistributor,
     AuthenticateIn,
     BalanceOut,
     ClaimIn,
     ClaimOut,
+    PaymentAck,
+    PaymentNotification,
     PurchaseCreate,
     PurchaseOut,
     ReleaseIn,
@@ -25,8 +31,9 @@ from services.inventory.schemas import (
     SerialPage,
     StampCounts,
 )
+from services.platform import signatures
 from services.platform.db import SessionDep
-from services.platform.errors import Forbidden, NotFound
+from services.platform.errors import Forbidden, MalformedJson, NotFound
 from services.platform.idempotency import (
     IdempotencyStore,
     canonical_json,
@@ -58,7 +65,7 @@ def _distributor_id(principal: Principal) -> uuid.UUID:
     return uuid.UUID(principal.subject)
 
 
-def _purchase_out(purchase: Any, serials: list[str]) -> PurchaseOut:
+def _purchase_out(purchase: Purchase, serials: list[str]) -> PurchaseOut:
     return PurchaseOut(
         id=purchase.id,
         status=purchase.status,
@@ -68,6 +75,8 @@ def _purchase_out(purchase: Any, serials: list[str]) -> PurchaseOut:
         serials=serials,
         created_at=purchase.created_at,
         paid_at=purchase.paid_at,
+        payment_reference=purchase.payment_reference,
+        expires_at=purchase.expires_at,
     )
 
 
@@ -85,9 +94,12 @@ async def create_purchase(
     request: Request,
     idempotency_key: IdempotencyKey = None,
 ) -> Any:
-    """Debit the prepaid balance and allocate `quantity` serials in one transaction."""
-    distributor_id = _distributor_id(principal)
+    """Distributors: debit the prepaid balance and allocate `quantity` serials, all in one
+    transaction. Applicants: reserve serials until the payment (quoting `payment_reference`)
+    arrives or `expires_at` passes."""
     settings = _settings(request)
+    if principal.kind not in (PrincipalKind.distributor, PrincipalKind.applicant):
+        raise Forbidden("Only distributors and admitted applicants buy stamps.")
     if body.quantity > settings.max_quantity_per_purchase:
         raise service.QuantityTooLarge(
             f"At most {settings.max_quantity_per_purchase} stamps per purchase.",
@@ -106,12 +118,22 @@ async def create_purchase(
             return JSONResponse(
                 replay.body, status_code=replay.status_code, headers={"Idempotent-Replayed": "true"}
             )
-    result = await service.purchase_for_distributor(
-        session,
-        distributor_id=distributor_id,
-        quantity=body.quantity,
-        unit_price=settings.stamp_price_rupiah,
-    )
+    if principal.kind is PrincipalKind.distributor:
+        result = await service.purchase_for_distributor(
+            session,
+            distributor_id=uuid.UUID(principal.subject),
+            quantity=body.quantity,
+            unit_price=settings.stamp_price_rupiah,
+        )
+    else:
+        result = await service.reserve_for_applicant(
+            session,
+            applicant=principal.owner_key,
+            quantity=body.quantity,
+            unit_price=settings.stamp_price_rupiah,
+            max_stamps=settings.applicant_max_stamps,
+            ttl=timedelta(seconds=settings.reservation_ttl_seconds),
+        )
     await session.refresh(result.purchase, ["created_at"])
     out = _purchase_out(result.purchase, result.serials)
     if idempotency_key is not None:
@@ -123,6 +145,46 @@ async def create_purchase(
             body=out.model_dump(mode="json"),
         )
     return out
+
+
+@router.post(
+    "/api/v1/payments/notify",
+    response_model=PaymentAck,
+    summary="Payment provider callback",
+    tags=["payments"],
+    responses={401: {"description": "`invalid_signature`"}},
+)
+async def payment_notification(request: Request, session: SessionDep) -> PaymentAck:
+    """The provider reports a payment, signed with HMAC-SHA256 in `X-Signature`
+    (`t=<unix>,v1=<hex of HMAC(secret, "<t>.<body>")>`). Marks the purchase paid exactly once;
+    repeats are harmless and late or unexpected payments are kept for operators."""
+    settings = _settings(request)
+    body = await request.body()
+    signatures.verify(
+        settings.payment_secret.get_secret_value(),
+        body,
+        request.headers.get(signatures.SIGNATURE_HEADER),
+        tolerance=settings.payment_tolerance_seconds,
+    )
+    try:
+        payload = json.loads(body)
+        notification = PaymentNotification.model_validate(payload)
+    except json.JSONDecodeError as exc:
+        raise MalformedJson("The body is not valid JSON.") from exc
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from exc
+    outcome = await service.apply_payment(
+        session,
+        service.PaymentNotice(
+            event_id=notification.event_id,
+            reference=notification.reference,
+            amount=notification.amount,
+            status=notification.status,
+            payload=payload,
+        ),
+        provider=settings.payment_provider,
+    )
+    return PaymentAck(outcome=outcome)
 
 
 @router.get("/api/v1/purchases/{purchase_id}", response_model=PurchaseOut, summary="A purchase")

@@ -8,7 +8,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from services.inventory.models import PurchaseStatus, SerialState
+from services.inventory.models import PaymentOutcome, PurchaseStatus, SerialState
 
 SerialNumber = Annotated[str, Field(pattern=r"^[0-9A-Z]{22}$", examples=["2C5NV74I6D0HJ1EZ000DU9"])]
 
@@ -34,6 +34,28 @@ class PurchaseOut(BaseModel):
     serials: list[SerialNumber]
     created_at: datetime
     paid_at: datetime | None = None
+    payment_reference: str | None = Field(
+        None, description="Applicants: quote this reference when paying."
+    )
+    expires_at: datetime | None = Field(
+        None, description="Applicants: the reservation is released if unpaid by then."
+    )
+
+
+class PaymentNotification(BaseModel):
+    """The payment provider's callback body (signed with the `X-Signature` header)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    event_id: str = Field(min_length=1, max_length=100)
+    reference: str = Field(min_length=1, max_length=40)
+    amount: StrictInt = Field(ge=0)
+    currency: str = "IDR"
+    status: str = Field(min_length=1, max_length=20, examples=["paid", "failed"])
+
+
+class PaymentAck(BaseModel):
+    outcome: PaymentOutcome
 
 
 class StampCounts(BaseModel):

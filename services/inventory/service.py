@@ -5,14 +5,17 @@ from __future__ import annotations
 import secrets
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.inventory import repository as repo
 from services.inventory.models import (
     ApiKey,
     Distributor,
+    PaymentOutcome,
     Purchase,
     PurchaseStatus,
     Serial,
@@ -20,6 +23,8 @@ from services.inventory.models import (
 )
 from services.platform.errors import Conflict, MeteraiError, NotFound, Unauthorized
 from services.platform.tokens import display_prefix, generate_api_key, hash_api_key
+
+log = structlog.get_logger(__name__)
 
 SERIAL_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 SERIAL_LENGTH = 22
@@ -40,6 +45,12 @@ class QuantityTooLarge(MeteraiError):
     status = 422
     code = "quantity_too_large"
     title = "Quantity too large"
+
+
+class ApplicantLimit(MeteraiError):
+    status = 409
+    code = "applicant_limit"
+    title = "Stamp limit per applicant reached"
 
 
 class SoldOut(MeteraiError):
@@ -88,10 +99,9 @@ async def create_distributor(session: AsyncSession, name: str, balance: int) -> 
         await repo.add_ledger_txn(
             session,
             f"opening balance of {name}",
-            [
-                repo.Leg(repo.DEPOSITS_ACCOUNT, -balance),
-                repo.Leg(repo.distributor_account(distributor.id), balance),
-            ],
+            repo.money_move(
+                repo.DEPOSITS_ACCOUNT, repo.distributor_account(distributor.id), balance
+            ),
         )
     api_key = await issue_api_key(session, distributor.id)
     return NewDistributor(distributor=distributor, api_key=api_key)
@@ -119,6 +129,9 @@ async def mint_serials(session: AsyncSession, count: int, *, batch: int = 5_000)
     while minted < count:
         size = min(batch, count - minted)
         minted += await repo.insert_serials(session, [new_serial() for _ in range(size)])
+    await repo.add_ledger_txn(
+        session, f"minted {minted}", repo.stamp_move(repo.STAMPS_MINTED, repo.STAMPS_POOL, minted)
+    )
     return minted
 
 
@@ -131,19 +144,12 @@ class PurchaseResult:
 async def purchase_for_distributor(
     session: AsyncSession, *, distributor_id: uuid.UUID, quantity: int, unit_price: int
 ) -> PurchaseResult:
-    """Debit the balance and allocate `quantity` serials, all or nothing.
+    """Allocate `quantity` serials and debit the balance, all or nothing.
 
     Raises `InsufficientBalance` or `SoldOut`; the caller's transaction then rolls back, so a
     refused purchase leaves no trace.
     """
     amount = quantity * unit_price
-    if await repo.debit_balance(session, distributor_id, amount) is None:
-        distributor = await repo.get_distributor(session, distributor_id)
-        balance = distributor.balance if distributor else 0
-        raise InsufficientBalance(
-            f"{quantity} stamps cost Rp {amount:,}; the balance is Rp {balance:,}.",
-            extra={"balance": balance, "amount": amount},
-        )
     owner = f"distributor:{distributor_id}"
     purchase = Purchase(
         id=uuid.uuid4(),
@@ -168,11 +174,182 @@ async def purchase_for_distributor(
         session,
         f"purchase {purchase.id}",
         [
-            repo.Leg(repo.distributor_account(distributor_id), -amount),
-            repo.Leg(repo.REVENUE_ACCOUNT, amount),
+            *repo.money_move(
+                repo.distributor_account(distributor_id), repo.REVENUE_ACCOUNT, amount
+            ),
+            *repo.stamp_move(repo.STAMPS_POOL, repo.owned_stamps_account(owner), quantity),
         ],
     )
+    # The balance row is the one every purchase of this distributor must lock: take it last,
+    # so it is held only from here to the commit.
+    if await repo.debit_balance(session, distributor_id, amount) is None:
+        distributor = await repo.get_distributor(session, distributor_id)
+        balance = distributor.balance if distributor else 0
+        raise InsufficientBalance(
+            f"{quantity} stamps cost Rp {amount:,}; the balance is Rp {balance:,}.",
+            extra={"balance": balance, "amount": amount},
+        )
     return PurchaseResult(purchase=purchase, serials=serials)
+
+
+async def reserve_for_applicant(
+    session: AsyncSession,
+    *,
+    applicant: str,
+    quantity: int,
+    unit_price: int,
+    max_stamps: int,
+    ttl: timedelta,
+) -> PurchaseResult:
+    """Reserve `quantity` serials for an admitted applicant until they pay (or `ttl` passes).
+
+    One applicant holds at most `max_stamps` (reserved, bought or used); their purchases are
+    serialised so that parallel tabs cannot exceed it.
+    """
+    await repo.lock_owner(session, applicant)
+    held = await repo.stamps_held(session, applicant)
+    if held + quantity > max_stamps:
+        raise ApplicantLimit(
+            f"An applicant may hold at most {max_stamps} stamps; you hold {held}.",
+            extra={"max_stamps": max_stamps, "held": held},
+        )
+    now = datetime.now(UTC)
+    purchase = Purchase(
+        id=uuid.uuid4(),
+        owner=applicant,
+        quantity=quantity,
+        unit_price=unit_price,
+        amount=quantity * unit_price,
+        status=PurchaseStatus.pending_payment,
+        payment_reference=new_payment_reference(),
+        expires_at=now + ttl,
+    )
+    session.add(purchase)
+    await session.flush()
+    serials = await repo.allocate_serials(
+        session,
+        quantity=quantity,
+        owner=applicant,
+        purchase_id=purchase.id,
+        state=SerialState.reserved,
+    )
+    if len(serials) < quantity:
+        raise SoldOut(
+            f"Only {len(serials)} of the {quantity} stamps asked for are available.",
+            extra={"available": len(serials)},
+        )
+    await repo.add_ledger_txn(
+        session,
+        f"reservation {purchase.id}",
+        repo.stamp_move(repo.STAMPS_POOL, repo.STAMPS_RESERVED, quantity),
+    )
+    return PurchaseResult(purchase=purchase, serials=serials)
+
+
+def new_payment_reference() -> str:
+    """What the applicant quotes when paying: unguessable, short enough to type."""
+    return "MTR-" + new_serial()[:16]
+
+
+@dataclass(frozen=True)
+class PaymentNotice:
+    """A payment provider's callback, as inventory understands it."""
+
+    event_id: str
+    reference: str
+    amount: int
+    status: str
+    payload: dict[str, Any]
+
+
+async def apply_payment(
+    session: AsyncSession, notice: PaymentNotice, *, provider: str
+) -> PaymentOutcome:
+    """Mark a reservation paid exactly once; every other case is recorded for operators.
+
+    A repeated event is a no-op; a payment for an expired reservation, a paid purchase or an
+    unknown reference is kept (it needs a refund) rather than silently dropped.
+    """
+    event = await repo.record_payment_event(
+        session,
+        event_id=notice.event_id,
+        reference=notice.reference,
+        amount=notice.amount,
+        status=notice.status,
+        payload=notice.payload,
+    )
+    if event is None:
+        return PaymentOutcome.duplicate
+    purchase = await repo.purchase_by_reference_for_update(session, notice.reference)
+    outcome = _payment_outcome(notice, purchase)
+    event.outcome = outcome
+    if outcome is PaymentOutcome.applied:
+        assert purchase is not None  # noqa: S101 - applied implies a purchase
+        await repo.set_purchase_serials_state(
+            session, purchase.id, from_state=SerialState.reserved, to_state=SerialState.sold
+        )
+        purchase.status = PurchaseStatus.paid
+        purchase.paid_at = datetime.now(UTC)
+        await repo.add_ledger_txn(
+            session,
+            f"payment {notice.event_id} for {purchase.id}",
+            [
+                *repo.money_move(
+                    repo.payments_account(provider), repo.REVENUE_ACCOUNT, purchase.amount
+                ),
+                *repo.stamp_move(
+                    repo.STAMPS_RESERVED,
+                    repo.owned_stamps_account(purchase.owner),
+                    purchase.quantity,
+                ),
+            ],
+        )
+    elif outcome is not PaymentOutcome.not_paid:
+        log.warning(
+            "payment_needs_attention",
+            outcome=outcome.value,
+            reference=notice.reference,
+            event_id=notice.event_id,
+            amount=notice.amount,
+        )
+    await session.flush()
+    return outcome
+
+
+def _payment_outcome(notice: PaymentNotice, purchase: Purchase | None) -> PaymentOutcome:
+    if notice.status != "paid":
+        return PaymentOutcome.not_paid
+    if purchase is None:
+        return PaymentOutcome.unknown_reference
+    if purchase.status is PurchaseStatus.paid:
+        return PaymentOutcome.already_paid
+    expired = purchase.expires_at is not None and purchase.expires_at <= datetime.now(UTC)
+    if purchase.status is PurchaseStatus.expired or expired:
+        return PaymentOutcome.late
+    if notice.amount != purchase.amount:
+        return PaymentOutcome.amount_mismatch
+    return PaymentOutcome.applied
+
+
+async def expire_reservations(session: AsyncSession, *, limit: int = 500) -> int:
+    """Give the serials of unpaid, expired reservations back to the pool."""
+    purchases = await repo.expired_reservations(session, limit)
+    for purchase in purchases:
+        released = await repo.set_purchase_serials_state(
+            session,
+            purchase.id,
+            from_state=SerialState.reserved,
+            to_state=SerialState.available,
+            release=True,
+        )
+        purchase.status = PurchaseStatus.expired
+        await repo.add_ledger_txn(
+            session,
+            f"reservation {purchase.id} expired",
+            repo.stamp_move(repo.STAMPS_RESERVED, repo.STAMPS_POOL, released),
+        )
+    await session.flush()
+    return len(purchases)
 
 
 async def claim_serial(
@@ -228,5 +405,130 @@ async def mark_used(session: AsyncSession, job_id: uuid.UUID, serial: str) -> bo
     row.job_id = job_id
     row.state = SerialState.used
     row.used_at = datetime.now(UTC)
+    assert row.owner is not None  # noqa: S101 - sold serials have owners
+    await repo.add_ledger_txn(
+        session,
+        f"serial {serial} affixed by job {job_id}",
+        repo.stamp_move(repo.owned_stamps_account(row.owner), repo.STAMPS_USED, 1),
+    )
     await session.flush()
     return True
+
+
+async def rotate_api_key(session: AsyncSession, name: str, *, overlap: timedelta) -> str:
+    """A new key for distributor `name`; its current keys keep working for `overlap` more."""
+    distributor = await repo.distributor_by_name(session, name)
+    if distributor is None:
+        raise NotFound(f"No distributor named {name!r}.")
+    until = datetime.now(UTC) + overlap
+    for key in await repo.api_keys_of(session, distributor.id):
+        if key.revoked_at is None and (key.expires_at is None or key.expires_at > until):
+            key.expires_at = until
+    return await issue_api_key(session, distributor.id)
+
+
+async def revoke_api_key(session: AsyncSession, name: str, prefix: str) -> int:
+    """Revoke the keys of distributor `name` that start with `prefix`; how many were."""
+    distributor = await repo.distributor_by_name(session, name)
+    if distributor is None:
+        raise NotFound(f"No distributor named {name!r}.")
+    revoked = 0
+    for key in await repo.api_keys_of(session, distributor.id):
+        if key.revoked_at is None and key.prefix.startswith(prefix):
+            key.revoked_at = datetime.now(UTC)
+            revoked += 1
+    await session.flush()
+    return revoked
+
+
+async def list_api_keys(session: AsyncSession, name: str) -> list[ApiKey]:
+    distributor = await repo.distributor_by_name(session, name)
+    if distributor is None:
+        raise NotFound(f"No distributor named {name!r}.")
+    return await repo.api_keys_of(session, distributor.id)
+
+
+@dataclass(frozen=True)
+class Reconciliation:
+    """Where the ledger, the balances and the serials disagree (empty lists: they agree)."""
+
+    discrepancies: list[str]
+    needs_attention: list[str]
+    totals: dict[str, int]
+
+    @property
+    def ok(self) -> bool:
+        return not self.discrepancies
+
+
+async def reconcile(session: AsyncSession) -> Reconciliation:
+    """Check that every ledger movement balances and that the books match the rows."""
+    problems: list[str] = []
+    for txn, unit, total in await repo.unbalanced_transactions(session):
+        problems.append(f"ledger transaction {txn} does not balance in {unit} (off by {total})")
+    totals = await repo.ledger_totals(session)
+    money = {account: total for (account, unit), total in totals.items() if unit == "IDR"}
+    stamps = {account: total for (account, unit), total in totals.items() if unit == "STAMP"}
+
+    distributors = await repo.all_distributors(session)
+    for distributor in distributors:
+        booked = money.get(repo.distributor_account(distributor.id), 0)
+        if booked != distributor.balance:
+            problems.append(
+                f"distributor {distributor.name}: balance Rp {distributor.balance:,} but the "
+                f"ledger says Rp {booked:,}"
+            )
+    revenue = await repo.paid_revenue(session)
+    if money.get(repo.REVENUE_ACCOUNT, 0) != revenue:
+        problems.append(
+            f"revenue: paid purchases total Rp {revenue:,} but the ledger says "
+            f"Rp {money.get(repo.REVENUE_ACCOUNT, 0):,}"
+        )
+
+    counts = await repo.serial_counts_by_owner(session)
+    by_state: dict[str, int] = {}
+    owned: dict[str, int] = {}
+    for (owner, state), count in counts.items():
+        by_state[state] = by_state.get(state, 0) + count
+        if state == SerialState.sold.value and owner is not None:
+            owned[owner] = owned.get(owner, 0) + count
+    for account, state in (
+        (repo.STAMPS_POOL, "available"),
+        (repo.STAMPS_RESERVED, "reserved"),
+        (repo.STAMPS_USED, "used"),
+    ):
+        if stamps.get(account, 0) != by_state.get(state, 0):
+            problems.append(
+                f"{by_state.get(state, 0)} serials are {state} but {account} holds "
+                f"{stamps.get(account, 0)}"
+            )
+    prefix = repo.owned_stamps_account("")
+    booked_owned = {
+        account[len(prefix) :]: total
+        for account, total in stamps.items()
+        if account.startswith(prefix) and total
+    }
+    for owner in sorted(set(owned) | set(booked_owned)):
+        if owned.get(owner, 0) != booked_owned.get(owner, 0):
+            problems.append(
+                f"{owner} owns {owned.get(owner, 0)} unused serials but the ledger says "
+                f"{booked_owned.get(owner, 0)}"
+            )
+    minted = -stamps.get(repo.STAMPS_MINTED, 0)
+    if minted != sum(by_state.values()):
+        problems.append(f"{minted} serials were minted but {sum(by_state.values())} exist")
+    problems.extend(await repo.inconsistent_serials(session))
+
+    attention = [
+        f"payment {event.event_id} ({event.outcome.value}): Rp {event.amount:,} for "
+        f"{event.reference} received {event.received_at:%Y-%m-%d %H:%M} - refund or settle"
+        for event in await repo.payment_events_needing_attention(session)
+    ]
+    summary = {
+        "serials": sum(by_state.values()),
+        **{f"serials_{state}": count for state, count in sorted(by_state.items())},
+        "distributors": len(distributors),
+        "distributor_balances": sum(d.balance for d in distributors),
+        "revenue": revenue,
+    }
+    return Reconciliation(discrepancies=problems, needs_attention=attention, totals=summary)

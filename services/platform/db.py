@@ -37,14 +37,20 @@ def async_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def create_engine(url: str, *, pool_size: int = 10, max_overflow: int = 10) -> AsyncEngine:
-    """An engine with a bounded pool that recycles connections the server dropped."""
+def create_engine(
+    url: str, *, pool_size: int = 10, max_overflow: int = 10, pool_timeout: float = 10.0
+) -> AsyncEngine:
+    """An engine with a bounded pool that recycles connections the server dropped.
+
+    A request that waits longer than `pool_timeout` for a connection gets a 503 (the service
+    is saturated) instead of waiting without bound.
+    """
     return _create_async_engine(
         async_url(url),
         pool_size=pool_size,
         max_overflow=max_overflow,
         pool_pre_ping=True,
-        pool_timeout=10,
+        pool_timeout=pool_timeout,
     )
 
 

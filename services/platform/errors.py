@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
 
+import sqlalchemy.exc
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -75,6 +76,12 @@ class Conflict(MeteraiError):
     status = 409
     code = "conflict"
     title = "Conflict"
+
+
+class MalformedJson(MeteraiError):
+    status = 400
+    code = "malformed_json"
+    title = "Malformed JSON"
 
 
 class ServiceUnavailable(MeteraiError):
@@ -177,7 +184,22 @@ def install_error_handlers(app: FastAPI) -> None:
             headers={REQUEST_ID_HEADER: request_id} if isinstance(request_id, str) else None,
         )
 
+    async def database_unavailable(_: Request, exc: Exception) -> JSONResponse:
+        # No connection within the pool timeout, or the server is gone: the caller should
+        # come back shortly, which is what a 503 with Retry-After says (never a 500).
+        log.warning("database_unavailable", error=repr(exc))
+        return problem_response(
+            503,
+            "database_unavailable",
+            "Temporarily unavailable",
+            "The service is busy or its database is unreachable; try again shortly.",
+            headers={"Retry-After": "2"},
+        )
+
     app.add_exception_handler(MeteraiError, domain_error)
+    app.add_exception_handler(sqlalchemy.exc.TimeoutError, database_unavailable)
+    app.add_exception_handler(sqlalchemy.exc.OperationalError, database_unavailable)
+    app.add_exception_handler(sqlalchemy.exc.InterfaceError, database_unavailable)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, crash)

@@ -9,6 +9,7 @@ from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_INTERNAL_SECRET = "meterai-development-internal-secret-change-me"  # noqa: S105
+DEV_ADMISSION_SECRET = "meterai-development-admission-secret-change-me"  # noqa: S105
 
 
 class Environment(StrEnum):

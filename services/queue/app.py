@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager, suppress
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 
+from services.platform.admission import AdmissionCodec
 from services.platform.app import create_service_app
 from services.platform.health import HealthChecks
 from services.queue.config import QueueSettings
@@ -28,6 +29,10 @@ def create_app(settings: QueueSettings | None = None) -> FastAPI:
             settings.redis_url, socket_timeout=2, socket_connect_timeout=2
         )
         app.state.room = room = Room(redis, settings.event, settings.admit_per_minute)
+        app.state.admission_codec = AdmissionCodec(
+            settings.admission_secret.get_secret_value(),
+            ttl_seconds=settings.admission_ttl_seconds,
+        )
         admission = asyncio.create_task(
             room.run_admission(settings.tick_seconds, f"{socket.gethostname()}-{os.getpid()}"),
             name="admission",

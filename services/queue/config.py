@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
-from services.platform.settings import ServiceSettings
+from services.platform.settings import (
+    DEV_ADMISSION_SECRET,
+    ServiceSettings,
+    per_service,
+    shared,
+)
 
 
 class QueueSettings(ServiceSettings):
@@ -13,10 +19,18 @@ class QueueSettings(ServiceSettings):
     )
 
     redis_url: str = "redis://127.0.0.1:6379/0"
-    event: str = "default"
+    event: str = Field(default="default", validation_alias=per_service("QUEUE", "EVENT"))
+    admission_secret: SecretStr = Field(
+        default=SecretStr(DEV_ADMISSION_SECRET), validation_alias=shared("ADMISSION_SECRET")
+    )
+    # How long an admission credential lasts; it is renewed while the applicant is active.
+    admission_ttl_seconds: int = 900
     # Defaults for a new event; operators change them at run time with PATCH /ops/queue.
     admit_per_minute: int = 600
     tick_seconds: float = 1.0
     serving_refresh_seconds: float = 0.25
     cookie_name: str = "meterai_ticket"
     cookie_secure: bool = False
+
+    def secrets(self) -> dict[str, str]:
+        return {**super().secrets(), "admission_secret": self.admission_secret.get_secret_value()}

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.platform.admission import ADMISSION_COOKIE, AdmissionCodec
 from services.platform.errors import MeteraiError
 from services.platform.identity import CurrentPrincipal, PrincipalKind
 from services.queue.config import QueueSettings
@@ -36,6 +37,11 @@ class TicketStatus(BaseModel):
     eta_seconds: int | None
     poll_after_seconds: float
     ticket: str = Field(description=f"Send back as the `{TICKET_HEADER}` header (or cookie).")
+    admission_token: str | None = Field(
+        None,
+        description="Once admitted: send as the `X-Admission-Token` header (browsers get a "
+        "cookie) to buy and upload.",
+    )
 
 
 class NoTicket(MeteraiError):
@@ -126,12 +132,25 @@ async def _status(request: Request, response: Response, number: int) -> TicketSt
         secure=settings.cookie_secure,
         max_age=24 * 3600,
     )
+    admission = None
+    if state is TicketState.admitted:
+        codec: AdmissionCodec = request.app.state.admission_codec
+        admission = codec.issue(settings.event, number)
+        response.set_cookie(
+            ADMISSION_COOKIE,
+            admission,
+            httponly=True,
+            samesite="lax",
+            secure=settings.cookie_secure,
+            max_age=codec.ttl_seconds,
+        )
     return TicketStatus(
         state=state,
         position=position,
         eta_seconds=None if config.paused else round(position / rate * 60),
         poll_after_seconds=round(poll, 1),
         ticket=token,
+        admission_token=admission,
     )
 
 

@@ -1,0 +1,43 @@
+"""Releases reservations whose payment did not arrive in time (safe in every replica)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+from prometheus_client import Counter
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from services.inventory import service
+from services.platform.db import transaction
+
+log = structlog.get_logger(__name__)
+
+EXPIRED = Counter(
+    "meterai_inventory_reservations_expired_total", "Unpaid reservations released to the pool"
+)
+
+
+async def sweep_once(sessionmaker: async_sessionmaker[AsyncSession], batch: int = 500) -> int:
+    """Release every expired reservation now; how many were released."""
+    total = 0
+    while True:
+        async with transaction(sessionmaker) as session:
+            released = await service.expire_reservations(session, limit=batch)
+        total += released
+        if released < batch:
+            break
+    if total:
+        EXPIRED.inc(total)
+        log.info("reservations_expired", count=total)
+    return total
+
+
+async def run_sweeper(sessionmaker: async_sessionmaker[AsyncSession], interval: float) -> None:
+    """Sweep every `interval` seconds until cancelled; outages only delay it."""
+    while True:
+        try:
+            await sweep_once(sessionmaker)
+        except Exception as exc:  # noqa: BLE001 - try again next round
+            log.warning("sweep_failed", error=repr(exc))
+        await asyncio.sleep(interval)
