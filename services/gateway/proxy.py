@@ -3,10 +3,10 @@ and the caller's principal go along, and an unreachable service is an honest 503
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
-import httpx
+import aiohttp
 import structlog
 from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect, Request
@@ -55,6 +55,18 @@ _DROP_RESPONSE = frozenset(
 )
 
 Endpoint = Callable[[Request], Coroutine[Any, Any, Response]]
+# Bodies up to this size are read whole; larger ones (PDF uploads and downloads) stream.
+_SMALL_BODY = 64 * 1024
+
+
+async def _request_body(request: Request, declared: str) -> bytes | AsyncIterator[bytes] | None:
+    if request.method in ("GET", "HEAD", "DELETE", "OPTIONS"):
+        return None
+    if declared.isdigit() and int(declared) <= _SMALL_BODY:
+        return await request.body()
+    return request.stream()
+
+
 # nginx's status for "the client closed the connection before we answered" (for metrics).
 CLIENT_CLOSED_REQUEST = 499
 
@@ -101,7 +113,6 @@ def proxy_endpoint(route: Route) -> Endpoint:
         if declared.isdigit() and int(declared) > limit:
             raise PayloadTooLarge(f"Requests are limited to {limit:,} bytes.")
         principal = await authenticate(request, route)
-        client: httpx.AsyncClient = state.upstreams[route.upstream]
         headers = [
             (name, value)
             for name, value in request.headers.items()
@@ -115,44 +126,70 @@ def proxy_endpoint(route: Route) -> Endpoint:
         headers.append(
             ("x-forwarded-for", f"{forwarded}, {client_host}" if forwarded else client_host)
         )
-        body_allowed = request.method not in ("GET", "HEAD")
-        upstream_request = client.build_request(
-            request.method,
-            httpx.URL(path=request.url.path, query=request.url.query.encode()),
-            headers=headers,
-            content=request.stream() if body_allowed else None,
-        )
+        session: aiohttp.ClientSession = state.upstreams[route.upstream]
         try:
-            upstream = await client.send(upstream_request, stream=True)
+            body = await _request_body(request, declared)
+            upstream = await session.request(
+                request.method,
+                request.url.path + (f"?{request.url.query}" if request.url.query else ""),
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+            )
         except ClientDisconnect:
             # The caller hung up while its body was still streaming in: nobody to answer.
             log.info("client_disconnected", upstream=route.upstream.value)
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        except httpx.TimeoutException as exc:
+        except TimeoutError as exc:
             log.warning("upstream_timeout", upstream=route.upstream.value, error=repr(exc))
             raise ServiceUnavailable(
                 f"The {route.upstream.value} service did not answer in time; try again.",
                 retry_after=5,
             ) from exc
-        except httpx.TransportError as exc:
+        except aiohttp.ClientError as exc:
             log.warning("upstream_unreachable", upstream=route.upstream.value, error=repr(exc))
             raise ServiceUnavailable(
                 f"The {route.upstream.value} service is unavailable; try again shortly.",
                 retry_after=5,
             ) from exc
-        response = StreamingResponse(
-            upstream.aiter_raw(),
-            status_code=upstream.status_code,
-            background=BackgroundTask(upstream.aclose),
-        )
         # Raw pairs keep repeated headers (Set-Cookie) and the upstream's Content-Length,
         # which stays right because the body is passed on undecoded.
-        response.raw_headers = [
-            (name.lower().encode("latin-1"), value.encode("latin-1"))
-            for name, value in upstream.headers.multi_items()
-            if name.lower() not in _DROP_RESPONSE
+        raw_headers = [
+            (name.lower(), value)
+            for name, value in upstream.raw_headers
+            if name.decode("latin-1").lower() not in _DROP_RESPONSE
         ]
+        length = upstream.content_length
+        if length is not None and length <= _SMALL_BODY:
+            # Small answers (JSON) in one piece: fewer writes than a streamed response.
+            try:
+                content = await upstream.read()
+            finally:
+                upstream.release()
+            response = Response(content, status_code=upstream.status)
+        else:
+            response = StreamingResponse(
+                upstream.content.iter_any(),
+                status_code=upstream.status,
+                background=BackgroundTask(upstream.release),
+            )
+        response.raw_headers = raw_headers
         return response
 
     forward.__name__ = f"proxy_{route.method.lower()}_{route.path}"
     return forward
+
+
+def proxy_session(base_url: str, *, timeout: float) -> aiohttp.ClientSession:
+    """A pooled session to one upstream: no cookies kept (the gateway serves everyone), bodies
+    passed on undecoded, a connect timeout shorter than the overall one."""
+    return aiohttp.ClientSession(
+        base_url=base_url,
+        # sock_connect, not connect: the latter also counts the wait for a free pooled
+        # connection, which under a surge is queueing, not an unreachable upstream.
+        timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=2),
+        connector=aiohttp.TCPConnector(limit=256, limit_per_host=256),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Accept-Encoding"),
+    )

@@ -25,7 +25,7 @@ class InventorySettings(ServiceSettings):
     consumer_group: str = "inventory"
     stamp_price_rupiah: int = 10_000
     max_quantity_per_purchase: int = 1_000
-    db_pool_size: int = 10
+    db_pool_size: int = 20
     db_pool_timeout_seconds: float = 10.0
 
     # Applicants: how many stamps one admitted applicant may hold, and how long a

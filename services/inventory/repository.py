@@ -5,10 +5,11 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import func, insert, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from services.inventory.models import (
     ApiKey,
@@ -22,6 +23,7 @@ from services.inventory.models import (
     Serial,
     SerialState,
 )
+from services.platform.ids import new_id
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ async def add_ledger_txn(session: AsyncSession, memo: str, legs: Sequence[Leg]) 
     for unit in {leg.unit for leg in legs}:
         if sum(leg.amount for leg in legs if leg.unit == unit) != 0:
             raise ValueError(f"ledger legs in {unit} must balance")
-    txn_id = uuid.uuid4()
+    txn_id = new_id()
     await session.execute(
         insert(LedgerEntry).values(
             [
@@ -105,6 +107,15 @@ async def distributor_by_key_hash(session: AsyncSession, key_hash: str) -> Distr
 
 async def get_distributor(session: AsyncSession, distributor_id: uuid.UUID) -> Distributor | None:
     return await session.get(Distributor, distributor_id)
+
+
+async def distributor_balance(
+    session: AsyncSession | AsyncConnection, distributor_id: uuid.UUID
+) -> int:
+    balance = await session.scalar(
+        select(Distributor.balance).where(Distributor.id == distributor_id)
+    )
+    return int(balance or 0)
 
 
 async def debit_balance(
@@ -389,3 +400,101 @@ async def payment_events_needing_attention(session: AsyncSession) -> list[Paymen
 
 async def all_distributors(session: AsyncSession) -> list[Distributor]:
     return list((await session.execute(select(Distributor))).scalars().all())
+
+
+_DISTRIBUTOR_PURCHASE = text(
+    """
+    WITH picked AS MATERIALIZED (
+        SELECT serial FROM serials WHERE state = 'available'
+        LIMIT :quantity FOR UPDATE SKIP LOCKED
+    ),
+    enough AS (SELECT count(*) = :quantity AS ok FROM picked),
+    debit AS (
+        UPDATE distributors SET balance = balance - :amount
+        WHERE id = :distributor_id AND balance >= :amount AND (SELECT ok FROM enough)
+        RETURNING balance
+    ),
+    purchase AS (
+        INSERT INTO purchases (id, owner, quantity, unit_price, amount, status, paid_at)
+        SELECT CAST(:purchase_id AS uuid), CAST(:owner AS varchar), CAST(:quantity AS integer),
+            CAST(:unit_price AS bigint), CAST(:amount AS bigint), 'paid', now()
+        FROM debit
+        RETURNING id, created_at, paid_at
+    ),
+    sold AS (
+        UPDATE serials SET state = 'sold', owner = :owner, purchase_id = purchase.id,
+            sold_at = now()
+        FROM picked, purchase
+        WHERE serials.serial = picked.serial
+        RETURNING serials.serial
+    ),
+    booked AS (
+        INSERT INTO ledger_entries (txn_id, account, unit, amount, memo)
+        SELECT CAST(:txn_id AS uuid), legs.account, legs.unit, legs.amount,
+            CAST(:memo AS varchar)
+        FROM purchase, (VALUES
+            (CAST(:money_account AS varchar), 'IDR', -CAST(:amount AS bigint)),
+            ('revenue:stamps', 'IDR', CAST(:amount AS bigint)),
+            ('stamps:pool', 'STAMP', -CAST(:quantity AS bigint)),
+            (CAST(:stamps_account AS varchar), 'STAMP', CAST(:quantity AS bigint))
+        ) AS legs (account, unit, amount)
+    )
+    SELECT (SELECT ok FROM enough) AS enough,
+           (SELECT count(*) FROM picked) AS available,
+           (SELECT created_at FROM purchase) AS created_at,
+           (SELECT paid_at FROM purchase) AS paid_at,
+           ARRAY(SELECT serial FROM sold ORDER BY serial) AS serials
+    """
+)
+
+
+@dataclass(frozen=True)
+class DistributorPurchaseRow:
+    enough: bool
+    available: int
+    created_at: datetime | None
+    paid_at: datetime | None
+    serials: list[str]
+
+
+async def buy_for_distributor(
+    session: AsyncSession | AsyncConnection,
+    *,
+    purchase_id: uuid.UUID,
+    distributor_id: uuid.UUID,
+    quantity: int,
+    unit_price: int,
+) -> DistributorPurchaseRow:
+    """The whole distributor purchase in one statement (one round trip): take `quantity`
+    available serials (SKIP LOCKED), debit the balance if it covers them, record the
+    purchase, sell the serials and book both ledger movements.
+
+    Nothing changes unless all of it can: `enough` false means sold out; `created_at` None
+    with `enough` true means the balance did not cover it. The distributor's row is locked
+    only for the rest of this statement and its commit.
+    """
+    owner = f"distributor:{distributor_id}"
+    row = (
+        await session.execute(
+            _DISTRIBUTOR_PURCHASE,
+            {
+                "quantity": quantity,
+                "amount": quantity * unit_price,
+                "unit_price": unit_price,
+                "distributor_id": distributor_id,
+                "purchase_id": purchase_id,
+                "owner": owner,
+                "txn_id": new_id(),
+                "memo": f"purchase {purchase_id}",
+                "money_account": distributor_account(distributor_id),
+                "stamps_account": owned_stamps_account(owner),
+            },
+        )
+    ).one()
+    return DistributorPurchaseRow(
+        enough=bool(row.enough),
+        available=int(row.available),
+        created_at=row.created_at,
+        paid_at=row.paid_at,
+        serials=list(row.serials),
+    )

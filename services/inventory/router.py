@@ -32,7 +32,7 @@ from services.inventory.schemas import (
     StampCounts,
 )
 from services.platform import signatures
-from services.platform.db import SessionDep
+from services.platform.db import SessionDep, autocommit
 from services.platform.errors import Forbidden, MalformedJson, NotFound
 from services.platform.idempotency import (
     IdempotencyStore,
@@ -105,6 +105,16 @@ async def create_purchase(
             f"At most {settings.max_quantity_per_purchase} stamps per purchase.",
             extra={"max_quantity": settings.max_quantity_per_purchase},
         )
+    if principal.kind is PrincipalKind.distributor and idempotency_key is None:
+        # The purchase is one statement: as its own transaction it takes one round trip.
+        async with autocommit(request.app.state.engine) as connection:
+            bought = await service.purchase_for_distributor(
+                connection,
+                distributor_id=uuid.UUID(principal.subject),
+                quantity=body.quantity,
+                unit_price=settings.stamp_price_rupiah,
+            )
+        return _purchase_out(bought.purchase, bought.serials)
     if idempotency_key is not None:
         replay = await idempotency.claim(
             session,
@@ -134,7 +144,8 @@ async def create_purchase(
             max_stamps=settings.applicant_max_stamps,
             ttl=timedelta(seconds=settings.reservation_ttl_seconds),
         )
-    await session.refresh(result.purchase, ["created_at"])
+    if result.purchase.created_at is None:  # reservations are ORM objects, not yet loaded
+        await session.refresh(result.purchase, ["created_at"])
     out = _purchase_out(result.purchase, result.serials)
     if idempotency_key is not None:
         await idempotency.record(

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from services.inventory import repository as repo
 from services.inventory.models import (
@@ -22,6 +22,7 @@ from services.inventory.models import (
     SerialState,
 )
 from services.platform.errors import Conflict, MeteraiError, NotFound, Unauthorized
+from services.platform.ids import new_id
 from services.platform.tokens import display_prefix, generate_api_key, hash_api_key
 
 log = structlog.get_logger(__name__)
@@ -92,7 +93,7 @@ async def create_distributor(session: AsyncSession, name: str, balance: int) -> 
     """A distributor with an opening balance (recorded in the ledger) and its first API key."""
     if balance < 0:
         raise ValueError("the opening balance cannot be negative")
-    distributor = Distributor(id=uuid.uuid4(), name=name, balance=balance)
+    distributor = Distributor(id=new_id(), name=name, balance=balance)
     session.add(distributor)
     await session.flush()
     if balance:
@@ -142,54 +143,48 @@ class PurchaseResult:
 
 
 async def purchase_for_distributor(
-    session: AsyncSession, *, distributor_id: uuid.UUID, quantity: int, unit_price: int
+    session: AsyncSession | AsyncConnection,
+    *,
+    distributor_id: uuid.UUID,
+    quantity: int,
+    unit_price: int,
 ) -> PurchaseResult:
     """Allocate `quantity` serials and debit the balance, all or nothing.
 
     Raises `InsufficientBalance` or `SoldOut`; the caller's transaction then rolls back, so a
     refused purchase leaves no trace.
     """
-    amount = quantity * unit_price
-    owner = f"distributor:{distributor_id}"
-    purchase = Purchase(
-        id=uuid.uuid4(),
-        owner=owner,
+    purchase_id = new_id()
+    row = await repo.buy_for_distributor(
+        session,
+        purchase_id=purchase_id,
+        distributor_id=distributor_id,
         quantity=quantity,
         unit_price=unit_price,
-        amount=amount,
-        status=PurchaseStatus.paid,
-        paid_at=datetime.now(UTC),
     )
-    session.add(purchase)
-    await session.flush()
-    serials = await repo.allocate_serials(
-        session, quantity=quantity, owner=owner, purchase_id=purchase.id, state=SerialState.sold
-    )
-    if len(serials) < quantity:
+    if not row.enough:
         raise SoldOut(
-            f"Only {len(serials)} of the {quantity} stamps asked for are available.",
-            extra={"available": len(serials)},
+            f"Only {row.available} of the {quantity} stamps asked for are available.",
+            extra={"available": row.available},
         )
-    await repo.add_ledger_txn(
-        session,
-        f"purchase {purchase.id}",
-        [
-            *repo.money_move(
-                repo.distributor_account(distributor_id), repo.REVENUE_ACCOUNT, amount
-            ),
-            *repo.stamp_move(repo.STAMPS_POOL, repo.owned_stamps_account(owner), quantity),
-        ],
-    )
-    # The balance row is the one every purchase of this distributor must lock: take it last,
-    # so it is held only from here to the commit.
-    if await repo.debit_balance(session, distributor_id, amount) is None:
-        distributor = await repo.get_distributor(session, distributor_id)
-        balance = distributor.balance if distributor else 0
+    amount = quantity * unit_price
+    if row.created_at is None:
+        balance = await repo.distributor_balance(session, distributor_id)
         raise InsufficientBalance(
             f"{quantity} stamps cost Rp {amount:,}; the balance is Rp {balance:,}.",
             extra={"balance": balance, "amount": amount},
         )
-    return PurchaseResult(purchase=purchase, serials=serials)
+    purchase = Purchase(
+        id=purchase_id,
+        owner=f"distributor:{distributor_id}",
+        quantity=quantity,
+        unit_price=unit_price,
+        amount=amount,
+        status=PurchaseStatus.paid,
+        created_at=row.created_at,
+        paid_at=row.paid_at,
+    )
+    return PurchaseResult(purchase=purchase, serials=row.serials)
 
 
 async def reserve_for_applicant(
@@ -215,7 +210,7 @@ async def reserve_for_applicant(
         )
     now = datetime.now(UTC)
     purchase = Purchase(
-        id=uuid.uuid4(),
+        id=new_id(),
         owner=applicant,
         quantity=quantity,
         unit_price=unit_price,

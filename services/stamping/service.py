@@ -16,6 +16,7 @@ from services.platform.db import transaction
 from services.platform.errors import MeteraiError
 from services.platform.idempotency import IdempotencyStore, StoredResponse, request_fingerprint
 from services.platform.identity import Principal
+from services.platform.ids import new_id
 from services.stamping import repository as repo
 from services.stamping.inventory_client import InventoryClient
 from services.stamping.messages import StampingRequested
@@ -87,7 +88,7 @@ async def accept(
 
     `render(job)` builds the response body recorded for idempotent replays.
     """
-    job_id = uuid.uuid4()
+    job_id = new_id()
     claimed = False
     try:
         async with transaction(sessionmaker) as session:
