@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import timedelta
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.inventory import repository as repo
 from services.inventory import service
@@ -32,7 +33,7 @@ from services.inventory.schemas import (
     StampCounts,
 )
 from services.platform import signatures
-from services.platform.db import SessionDep, autocommit
+from services.platform.db import SessionDep, autocommit, transaction
 from services.platform.errors import Forbidden, MalformedJson, NotFound
 from services.platform.idempotency import (
     IdempotencyStore,
@@ -90,10 +91,9 @@ def _purchase_out(purchase: Purchase, serials: list[str]) -> PurchaseOut:
 async def create_purchase(
     body: PurchaseCreate,
     principal: CurrentPrincipal,
-    session: SessionDep,
     request: Request,
     idempotency_key: IdempotencyKey = None,
-) -> Any:
+) -> Response:
     """Distributors: debit the prepaid balance and allocate `quantity` serials, all in one
     transaction. Applicants: reserve serials until the payment (quoting `payment_reference`)
     arrives or `expires_at` passes."""
@@ -114,7 +114,23 @@ async def create_purchase(
                 quantity=body.quantity,
                 unit_price=settings.stamp_price_rupiah,
             )
-        return _purchase_out(bought.purchase, bought.serials)
+        return _created(_purchase_out(bought.purchase, bought.serials).model_dump_json())
+    async with transaction(request.app.state.sessionmaker) as session:
+        return await _purchase_in_transaction(session, body, principal, settings, idempotency_key)
+
+
+def _created(body: bytes | str, headers: dict[str, str] | None = None) -> Response:
+    # Serialised once here: FastAPI would otherwise validate the model again on the way out.
+    return Response(body, status_code=201, media_type="application/json", headers=headers)
+
+
+async def _purchase_in_transaction(
+    session: AsyncSession,
+    body: PurchaseCreate,
+    principal: Principal,
+    settings: InventorySettings,
+    idempotency_key: str | None,
+) -> Response:
     if idempotency_key is not None:
         replay = await idempotency.claim(
             session,
@@ -155,7 +171,7 @@ async def create_purchase(
             status_code=201,
             body=out.model_dump(mode="json"),
         )
-    return out
+    return _created(out.model_dump_json())
 
 
 @router.post(
