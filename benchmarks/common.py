@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from services.platform.embedded import free_port_range
 
 HELLO_APP = textwrap.dedent(
     """
@@ -55,20 +56,7 @@ class WrkResult:
 
 
 def free_base_port(span: int = 40) -> int:
-    for base in range(23000, 60000, 101):
-        sockets = []
-        try:
-            for port in range(base, base + span):
-                sock = socket.socket()
-                sockets.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise RuntimeError("no free port range")
+    return free_port_range(span, start=23000)
 
 
 def require_wrk() -> str:

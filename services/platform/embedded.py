@@ -41,6 +41,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def free_port_range(span: int, *, start: int = 21000, host: str = "127.0.0.1") -> int:
+    """The first port of `span` consecutive free ports (for a whole stack on one base port)."""
+    for base in range(start, 65000 - span, 97):
+        sockets: list[socket.socket] = []
+        try:
+            for port in range(base, base + span):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sockets.append(sock)
+                sock.bind((host, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"no {span} consecutive free ports")
+
+
 async def tcp_open(host: str, port: int) -> None:
     """Ready check: something accepts connections on host:port."""
     _, writer = await asyncio.open_connection(host, port)

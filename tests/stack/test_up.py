@@ -6,7 +6,6 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -18,6 +17,7 @@ import httpx
 import psutil
 import pytest
 
+from services.platform.embedded import free_port_range
 from tests.harness import Infrastructure, wait_for
 from tests.pdfs import make_pdf
 from tests.pdftools import pdfsig, qpdf_check
@@ -29,20 +29,7 @@ PORT_SPAN = 40
 
 def _free_base_port() -> int:
     """A base port whose whole span (services, workers, infrastructure) is free."""
-    for base in range(21000, 60000, 97):
-        sockets: list[socket.socket] = []
-        try:
-            for port in range(base, base + PORT_SPAN):
-                sock = socket.socket()
-                sockets.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise RuntimeError("no free port range")
+    return free_port_range(PORT_SPAN)
 
 
 def spawn_up(
