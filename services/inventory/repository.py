@@ -22,8 +22,13 @@ from services.inventory.models import (
     PurchaseStatus,
     Serial,
     SerialState,
+    idempotency_keys,
 )
+from services.platform.idempotency import IdempotencyStore
 from services.platform.ids import new_id
+
+idempotency = IdempotencyStore(idempotency_keys)
+"""Idempotency-Keys of inventory's creating POSTs, kept in its own database."""
 
 
 @dataclass(frozen=True)
@@ -116,23 +121,6 @@ async def distributor_balance(
         select(Distributor.balance).where(Distributor.id == distributor_id)
     )
     return int(balance or 0)
-
-
-async def debit_balance(
-    session: AsyncSession, distributor_id: uuid.UUID, amount: int
-) -> int | None:
-    """Take `amount` from the balance if it covers it; the new balance, or None if it does not.
-
-    One conditional UPDATE: the row lock serialises a distributor's concurrent purchases.
-    """
-    return (
-        await session.execute(
-            update(Distributor)
-            .where(Distributor.id == distributor_id, Distributor.balance >= amount)
-            .values(balance=Distributor.balance - amount)
-            .returning(Distributor.balance)
-        )
-    ).scalar_one_or_none()
 
 
 async def allocate_serials(

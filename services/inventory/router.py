@@ -7,7 +7,7 @@ import uuid
 from datetime import timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
@@ -16,7 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.inventory import repository as repo
 from services.inventory import service
 from services.inventory.config import InventorySettings
-from services.inventory.models import Purchase, SerialState, idempotency_keys
+from services.inventory.models import Purchase, SerialState
+from services.inventory.repository import idempotency
 from services.inventory.schemas import (
     AuthenticatedDistributor,
     AuthenticateIn,
@@ -36,7 +37,7 @@ from services.platform import signatures
 from services.platform.db import SessionDep, autocommit, transaction
 from services.platform.errors import Forbidden, MalformedJson, NotFound
 from services.platform.idempotency import (
-    IdempotencyStore,
+    IdempotencyKey,
     canonical_json,
     request_fingerprint,
 )
@@ -44,15 +45,6 @@ from services.platform.identity import CallingService, CurrentPrincipal, Princip
 
 router = APIRouter(tags=["purchases"])
 internal = APIRouter(prefix="/internal/v1", include_in_schema=False)
-idempotency = IdempotencyStore(idempotency_keys)
-
-IdempotencyKey = Annotated[
-    str | None,
-    Header(
-        alias="Idempotency-Key",
-        description="Same key and body replays the first response; another body is refused.",
-    ),
-]
 
 
 def _settings(request: Request) -> InventorySettings:

@@ -12,8 +12,9 @@ import hashlib
 import json
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
+from fastapi import Header
 from sqlalchemy import (
     JSON,
     Column,
@@ -32,6 +33,15 @@ from services.platform.errors import MeteraiError
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_KEY_LENGTH = 255
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias=IDEMPOTENCY_HEADER,
+        description="Same key and body replays the first response; another body is refused.",
+    ),
+]
+"""The optional `Idempotency-Key` header of a creating POST, as a route parameter."""
 
 
 class IdempotencyKeyReused(MeteraiError):

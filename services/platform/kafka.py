@@ -23,7 +23,6 @@ from aiokafka.errors import (
 
 log = structlog.get_logger(__name__)
 
-Headers = list[tuple[str, bytes]]
 MessageHandler = Callable[[ConsumerRecord[bytes, bytes]], Awaitable[None]]
 
 

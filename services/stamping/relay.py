@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from services.platform.db import transaction
 from services.stamping import repository as repo
 from services.stamping.messages import StampingRequested
+from services.stamping.service import idempotency
 
 log = structlog.get_logger(__name__)
 
@@ -51,6 +52,7 @@ class OutboxRelay:
         self._wake = asyncio.Event()
         self._stopping = False
         self._last_sweep = 0.0
+        self._next_purge = 0.0
 
     def wake(self) -> None:
         """Publish soon: a new message was committed in this process."""
@@ -69,6 +71,9 @@ class OutboxRelay:
                 if loop.time() - self._last_sweep > min(10.0, self.republish_after / 2):
                     self._last_sweep = loop.time()
                     await self.requeue_stale_jobs()
+                if loop.time() >= self._next_purge:
+                    self._next_purge = loop.time() + 3600
+                    await self.forget_idempotency_keys()
             except Exception as exc:  # noqa: BLE001 - keep relaying after outages
                 log.warning("outbox_relay_error", error=repr(exc))
                 sent = 0
@@ -99,6 +104,11 @@ class OutboxRelay:
         for message in messages:
             PUBLISHED.labels(message.topic).inc()
         return len(messages)
+
+    async def forget_idempotency_keys(self, retention: timedelta = timedelta(hours=24)) -> int:
+        """Drop upload Idempotency-Keys older than `retention` (clients retry in minutes)."""
+        async with transaction(self.sessionmaker) as session:
+            return await idempotency.purge_older_than(session, datetime.now(UTC) - retention)
 
     async def requeue_stale_jobs(self) -> int:
         """Queue another request for unfinished jobs nobody has worked on for a while."""

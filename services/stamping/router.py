@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 import re
 import uuid
-from typing import Annotated, Any
+from typing import Any
 from urllib.parse import urlparse
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -16,6 +16,7 @@ from starlette.formparsers import MultiPartException
 
 from services.platform.blobs import BlobNotFound, BlobStore
 from services.platform.errors import Conflict, MeteraiError, NotFound
+from services.platform.idempotency import IdempotencyKey
 from services.platform.identity import CurrentPrincipal, Principal
 from services.stamping import repository as repo
 from services.stamping import service
@@ -222,7 +223,7 @@ def _callback_field(form: FormData) -> str | None:
 async def create_stamping(
     request: Request,
     principal: CurrentPrincipal,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
     """Accept a PDF for stamping with one of the caller's unused serials.
 

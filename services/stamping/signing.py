@@ -167,10 +167,6 @@ class StampSigner:
             raise ValueError(f"unsupported signing key type {type(key).__name__}")
         return cls(key, cert, chain)
 
-    def inspect(self, pdf: bytes, page: int | None, box: StampBox | None) -> tuple[int, StampBox]:
-        """Same as :func:`inspect_document` (kept on the signer for callers that hold one)."""
-        return inspect_document(pdf, page, box)
-
     def stamp(self, pdf: bytes, request: StampRequest) -> bytes:
         """Affix the visible e-meterai and sign the whole document as an incremental update.
 

@@ -6,13 +6,15 @@ import asyncio
 import re
 import uuid
 from collections import Counter
+from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from services.inventory.models import Distributor, LedgerEntry, Serial, SerialState
 from services.inventory.service import new_serial
+from services.inventory.sweeper import forget_idempotency_keys
 from services.platform.db import create_engine, create_sessionmaker
 from tests.harness import ServiceStack
 
@@ -194,3 +196,24 @@ def test_serials_are_unguessable_in_shape() -> None:
     # Every character position uses the whole alphabet (no fixed prefix or counter).
     for position in range(22):
         assert len({serial[position] for serial in serials}) == 36
+
+
+async def test_old_idempotency_keys_are_forgotten(stack: ServiceStack) -> None:
+    await stack.mint(2)
+    api_key = await stack.create_distributor()
+    headers = {"Idempotency-Key": "yesterday"}
+    async with stack.client(api_key) as client:
+        first = await client.post("/api/v1/purchases", json={"quantity": 1}, headers=headers)
+        assert first.status_code == 201
+        engine = create_engine(stack.inventory_db, pool_size=1)
+        try:
+            async with engine.begin() as connection:
+                await connection.execute(
+                    text("UPDATE idempotency_keys SET created_at = now() - interval '2 days'")
+                )
+            assert await forget_idempotency_keys(create_sessionmaker(engine), timedelta(hours=24))
+        finally:
+            await engine.dispose()
+        # The key is free again: the same request makes a new purchase instead of a replay.
+        again = await client.post("/api/v1/purchases", json={"quantity": 1}, headers=headers)
+        assert again.status_code == 201 and again.json()["id"] != first.json()["id"]

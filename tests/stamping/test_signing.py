@@ -184,7 +184,7 @@ def test_second_stamp_counts_as_form_filling_for_the_first(
 def test_default_is_the_last_page_bottom_right(
     signer: StampSigner, pdf: bytes, stamped: bytes
 ) -> None:
-    page_index, box = signer.inspect(pdf, None, None)
+    page_index, box = inspect_document(pdf, None, None)
     assert page_index == 2
     assert box == StampBox(A4[0] - 36 - 90, 36, A4[0] - 36, 126)
 
@@ -207,7 +207,7 @@ def test_upside_down_boxes_are_normalised(signer: StampSigner, pdf: bytes) -> No
     assert StampBox.normalised(162, 690, 72, 600) == StampBox(72, 600, 162, 690)
 
     flipped = StampBox(162, 690, 72, 600)  # built directly, corners swapped
-    assert signer.inspect(pdf, 1, flipped) == (0, StampBox(72, 600, 162, 690))
+    assert inspect_document(pdf, 1, flipped) == (0, StampBox(72, 600, 162, 690))
     out = signer.stamp(pdf, request(page=1, box=flipped))
     assert widget_rect(out, f"eMeterai-{SERIAL}") == pytest.approx([72, 600, 162, 690], abs=0.01)
 
@@ -227,15 +227,15 @@ def test_crop_box_limits_the_page(signer: StampSigner) -> None:
     writer.write(out)
     cropped = out.getvalue()
 
-    assert signer.inspect(cropped, None, None) == (0, StampBox(274, 136, 364, 226))
+    assert inspect_document(cropped, None, None) == (0, StampBox(274, 136, 364, 226))
     with pytest.raises(DocumentRejected) as error:
-        signer.inspect(cropped, 1, StampBox(450, 50, 540, 140))  # on the media box only
+        inspect_document(cropped, 1, StampBox(450, 50, 540, 140))  # on the media box only
     assert error.value.code == "box_off_page"
 
 
 def test_default_box_must_fit_a_tiny_page(signer: StampSigner) -> None:
     with pytest.raises(DocumentRejected) as error:
-        signer.inspect(make_pdf(1, size=(100, 100)), None, None)
+        inspect_document(make_pdf(1, size=(100, 100)), None, None)
     assert error.value.code == "box_off_page"
 
 
@@ -255,7 +255,7 @@ def test_default_box_must_fit_a_tiny_page(signer: StampSigner) -> None:
 )
 def test_bad_documents_are_rejected(signer: StampSigner, document: bytes, code: str) -> None:
     with pytest.raises(DocumentRejected) as inspected:
-        signer.inspect(document, None, None)
+        inspect_document(document, None, None)
     assert inspected.value.code == code
     with pytest.raises(DocumentRejected) as stamped:
         signer.stamp(document, request())
@@ -267,7 +267,7 @@ def test_pages_outside_the_document_are_rejected(
     signer: StampSigner, pdf: bytes, page: int
 ) -> None:
     with pytest.raises(DocumentRejected) as error:
-        signer.inspect(pdf, page, None)
+        inspect_document(pdf, page, None)
     assert error.value.code == "page_out_of_range"
     assert "1..3" in str(error.value)
 
@@ -282,14 +282,14 @@ def test_pages_outside_the_document_are_rejected(
 )
 def test_boxes_off_the_page_are_rejected(signer: StampSigner, pdf: bytes, box: StampBox) -> None:
     with pytest.raises(DocumentRejected) as error:
-        signer.inspect(pdf, 1, box)
+        inspect_document(pdf, 1, box)
     assert error.value.code == "box_off_page"
 
 
 def test_tiny_or_empty_boxes_are_rejected(signer: StampSigner, pdf: bytes) -> None:
     for box in (StampBox(10, 10, 10, 10), StampBox(10, 10, 40, 100)):
         with pytest.raises(DocumentRejected) as error:
-            signer.inspect(pdf, 1, box)
+            inspect_document(pdf, 1, box)
         assert error.value.code == "box_too_small"
 
 
@@ -311,7 +311,7 @@ def _certified(key_paths: SigningKeyPaths, permission: fields.MDPPerm) -> bytes:
 def test_certified_no_changes_is_rejected(signer: StampSigner, key_paths: SigningKeyPaths) -> None:
     document = _certified(key_paths, fields.MDPPerm.NO_CHANGES)
     with pytest.raises(DocumentRejected) as error:
-        signer.inspect(document, None, None)
+        inspect_document(document, None, None)
     assert error.value.code == "certified_no_changes"
 
 
@@ -322,7 +322,7 @@ def test_other_certified_documents_are_rejected(
     # A new visible signature field would break the author's certification (pyHanko's diff
     # policy and Acrobat agree), so these are refused too rather than stamped into invalidity.
     with pytest.raises(DocumentRejected) as error:
-        signer.inspect(_certified(key_paths, permission), None, None)
+        inspect_document(_certified(key_paths, permission), None, None)
     assert error.value.code == "certified_pdf"
 
 
