@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from services.gateway import openapi
 from services.gateway.auth import DistributorAuthenticator
 from services.gateway.config import GatewaySettings
-from services.gateway.proxy import proxy_endpoint, proxy_session
+from services.gateway.proxy import Forwarder, proxy_session
 from services.gateway.routes import ROUTES, Upstream
 from services.platform.admission import AdmissionCodec
 from services.platform.app import create_service_app
@@ -111,5 +111,5 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         return JSONResponse(state.openapi_document)
 
     for route in ROUTES:
-        app.add_route(route.path, proxy_endpoint(route), methods=[route.method])
+        app.add_hot_route(route.method, route.path, Forwarder(route))
     return app

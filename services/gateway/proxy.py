@@ -3,14 +3,14 @@ and the caller's principal go along, and an unreachable service is an honest 503
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any
+from collections.abc import AsyncIterator
 
 import aiohttp
 import structlog
 from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from services.gateway.auth import MissingCredentials, bearer_token, check_ops_token
 from services.gateway.routes import Access, Route
@@ -54,7 +54,6 @@ _DROP_RESPONSE = frozenset(
     }
 )
 
-Endpoint = Callable[[Request], Coroutine[Any, Any, Response]]
 # Bodies up to this size are read whole; larger ones (PDF uploads and downloads) stream.
 _SMALL_BODY = 64 * 1024
 
@@ -101,10 +100,18 @@ async def authenticate(request: Request, route: Route) -> Principal | None:
     raise MissingCredentials("Send your API key as `Authorization: Bearer <api key>`.")
 
 
-def proxy_endpoint(route: Route) -> Endpoint:
-    """A Starlette endpoint forwarding `route` to its upstream service."""
+class Forwarder:
+    """The ASGI endpoint forwarding one route of the table to its upstream service."""
 
-    async def forward(request: Request) -> Response:
+    def __init__(self, route: Route) -> None:
+        self.route = route
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = await self.forward(Request(scope, receive))
+        await response(scope, receive, send)
+
+    async def forward(self, request: Request) -> Response:
+        route = self.route
         state = request.app.state
         declared = request.headers.get("content-length", "")
         limit: int = state.settings.max_body_bytes
@@ -175,9 +182,6 @@ def proxy_endpoint(route: Route) -> Endpoint:
             )
         response.raw_headers = raw_headers
         return response
-
-    forward.__name__ = f"proxy_{route.method.lower()}_{route.path}"
-    return forward
 
 
 def proxy_session(base_url: str, *, timeout: float) -> aiohttp.ClientSession:

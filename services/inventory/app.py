@@ -10,7 +10,8 @@ from fastapi import FastAPI
 
 from services.inventory.config import InventorySettings
 from services.inventory.consumer import StampingResultHandler
-from services.inventory.router import internal, router
+from services.inventory.router import create_purchase_hot, internal, router
+from services.inventory.service import DistributorPurchases
 from services.inventory.sweeper import run_sweeper
 from services.platform.app import create_service_app
 from services.platform.db import check_database, create_engine, create_sessionmaker
@@ -31,6 +32,12 @@ def create_app(settings: InventorySettings | None = None) -> FastAPI:
         )
         app.state.engine = engine
         app.state.sessionmaker = sessionmaker = create_sessionmaker(engine)
+        app.state.distributor_purchases = purchases = DistributorPurchases(
+            engine,
+            unit_price=settings.stamp_price_rupiah,
+            max_batch=settings.purchase_batch_size,
+            max_in_flight=settings.purchase_batches_in_flight,
+        )
         consumer = ConsumerLoop(
             bootstrap_servers=settings.kafka_bootstrap_servers,
             topics=[settings.stamping_results_topic],
@@ -54,12 +61,15 @@ def create_app(settings: InventorySettings | None = None) -> FastAPI:
             with suppress(asyncio.CancelledError):
                 await sweeper
             await consumer.stop_background()
+            await purchases.drain()
             await engine.dispose()
 
-    return create_service_app(
+    app = create_service_app(
         service="inventory",
         title="Meterai inventory",
         settings=settings,
         lifespan=lifespan,
         routers=[router, internal],
     )
+    app.add_hot_route("POST", "/api/v1/purchases", create_purchase_hot)
+    return app

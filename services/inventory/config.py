@@ -26,6 +26,10 @@ class InventorySettings(ServiceSettings):
     stamp_price_rupiah: int = 10_000
     max_quantity_per_purchase: int = 1_000
     db_pool_size: int = 20
+    # Distributor purchases arriving together run as one statement and one commit: at most
+    # this many purchases per batch, and this many batches at once.
+    purchase_batch_size: int = 64
+    purchase_batches_in_flight: int = 2
     db_pool_timeout_seconds: float = 10.0
 
     # Applicants: how many stamps one admitted applicant may hold, and how long a

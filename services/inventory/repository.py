@@ -390,99 +390,76 @@ async def all_distributors(session: AsyncSession) -> list[Distributor]:
     return list((await session.execute(select(Distributor))).scalars().all())
 
 
-_DISTRIBUTOR_PURCHASE = text(
+_BUY_STAMPS = text(
     """
-    WITH picked AS MATERIALIZED (
-        SELECT serial FROM serials WHERE state = 'available'
-        LIMIT :quantity FOR UPDATE SKIP LOCKED
-    ),
-    enough AS (SELECT count(*) = :quantity AS ok FROM picked),
-    debit AS (
-        UPDATE distributors SET balance = balance - :amount
-        WHERE id = :distributor_id AND balance >= :amount AND (SELECT ok FROM enough)
-        RETURNING balance
-    ),
-    purchase AS (
-        INSERT INTO purchases (id, owner, quantity, unit_price, amount, status, paid_at)
-        SELECT CAST(:purchase_id AS uuid), CAST(:owner AS varchar), CAST(:quantity AS integer),
-            CAST(:unit_price AS bigint), CAST(:amount AS bigint), 'paid', now()
-        FROM debit
-        RETURNING id, created_at, paid_at
-    ),
-    sold AS (
-        UPDATE serials SET state = 'sold', owner = :owner, purchase_id = purchase.id,
-            sold_at = now()
-        FROM picked, purchase
-        WHERE serials.serial = picked.serial
-        RETURNING serials.serial
-    ),
-    booked AS (
-        INSERT INTO ledger_entries (txn_id, account, unit, amount, memo)
-        SELECT CAST(:txn_id AS uuid), legs.account, legs.unit, legs.amount,
-            CAST(:memo AS varchar)
-        FROM purchase, (VALUES
-            (CAST(:money_account AS varchar), 'IDR', -CAST(:amount AS bigint)),
-            ('revenue:stamps', 'IDR', CAST(:amount AS bigint)),
-            ('stamps:pool', 'STAMP', -CAST(:quantity AS bigint)),
-            (CAST(:stamps_account AS varchar), 'STAMP', CAST(:quantity AS bigint))
-        ) AS legs (account, unit, amount)
+    SELECT bought.* FROM unnest(
+        CAST(:purchase_ids AS uuid[]), CAST(:distributor_ids AS uuid[]),
+        CAST(:quantities AS integer[]), CAST(:txn_ids AS uuid[]), CAST(:owners AS varchar[]),
+        CAST(:money_accounts AS varchar[]), CAST(:stamps_accounts AS varchar[])
+    ) WITH ORDINALITY AS orders (
+        purchase_id, distributor_id, quantity, txn_id, owner, money_account, stamps_account, n
     )
-    SELECT (SELECT ok FROM enough) AS enough,
-           (SELECT count(*) FROM picked) AS available,
-           (SELECT created_at FROM purchase) AS created_at,
-           (SELECT paid_at FROM purchase) AS paid_at,
-           ARRAY(SELECT serial FROM sold ORDER BY serial) AS serials
+    CROSS JOIN LATERAL buy_stamps(
+        orders.purchase_id, orders.distributor_id, orders.quantity, CAST(:unit_price AS bigint),
+        orders.txn_id, orders.owner, orders.money_account, orders.stamps_account
+    ) AS bought
+    ORDER BY orders.n
     """
 )
 
 
 @dataclass(frozen=True)
+class DistributorOrder:
+    purchase_id: uuid.UUID
+    distributor_id: uuid.UUID
+    quantity: int
+
+    @property
+    def owner(self) -> str:
+        return f"distributor:{self.distributor_id}"
+
+
+@dataclass(frozen=True)
 class DistributorPurchaseRow:
-    enough: bool
+    outcome: str  # ok, sold_out or insufficient_balance
     available: int
     created_at: datetime | None
     paid_at: datetime | None
     serials: list[str]
 
 
-async def buy_for_distributor(
-    session: AsyncSession | AsyncConnection,
+async def buy_for_distributors(
+    connection: AsyncSession | AsyncConnection,
+    orders: Sequence[DistributorOrder],
     *,
-    purchase_id: uuid.UUID,
-    distributor_id: uuid.UUID,
-    quantity: int,
     unit_price: int,
-) -> DistributorPurchaseRow:
-    """The whole distributor purchase in one statement (one round trip): take `quantity`
-    available serials (SKIP LOCKED), debit the balance if it covers them, record the
-    purchase, sell the serials and book both ledger movements.
-
-    Nothing changes unless all of it can: `enough` false means sold out; `created_at` None
-    with `enough` true means the balance did not cover it. The distributor's row is locked
-    only for the rest of this statement and its commit.
+) -> list[DistributorPurchaseRow]:
+    """Distributor purchases in one statement (one round trip), one after the other, each all
+    or nothing (see the `buy_stamps` function in the migrations): take the serials (SKIP
+    LOCKED), debit the balance if it covers them, record the purchase, sell the serials and
+    book both ledger movements. A refused order changes nothing and leaves the others alone.
+    The distributors' rows stay locked until the caller's transaction ends.
     """
-    owner = f"distributor:{distributor_id}"
-    row = (
-        await session.execute(
-            _DISTRIBUTOR_PURCHASE,
-            {
-                "quantity": quantity,
-                "amount": quantity * unit_price,
-                "unit_price": unit_price,
-                "distributor_id": distributor_id,
-                "purchase_id": purchase_id,
-                "owner": owner,
-                "txn_id": new_id(),
-                "memo": f"purchase {purchase_id}",
-                "money_account": distributor_account(distributor_id),
-                "stamps_account": owned_stamps_account(owner),
-            },
-        )
-    ).one()
-    return DistributorPurchaseRow(
-        enough=bool(row.enough),
-        available=int(row.available),
-        created_at=row.created_at,
-        paid_at=row.paid_at,
-        serials=list(row.serials),
+    rows = await connection.execute(
+        _BUY_STAMPS,
+        {
+            "purchase_ids": [order.purchase_id for order in orders],
+            "distributor_ids": [order.distributor_id for order in orders],
+            "quantities": [order.quantity for order in orders],
+            "txn_ids": [new_id() for _ in orders],
+            "owners": [order.owner for order in orders],
+            "money_accounts": [distributor_account(order.distributor_id) for order in orders],
+            "stamps_accounts": [owned_stamps_account(order.owner) for order in orders],
+            "unit_price": unit_price,
+        },
     )
+    return [
+        DistributorPurchaseRow(
+            outcome=row.outcome,
+            available=row.available,
+            created_at=row.created_at,
+            paid_at=row.paid_at,
+            serials=list(row.serials or ()),
+        )
+        for row in rows
+    ]

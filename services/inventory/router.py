@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.types import Receive, Scope, Send
 
 from services.inventory import repository as repo
 from services.inventory import service
@@ -34,14 +35,22 @@ from services.inventory.schemas import (
     StampCounts,
 )
 from services.platform import signatures
-from services.platform.db import SessionDep, autocommit, transaction
+from services.platform.app import read_json_body
+from services.platform.db import SessionDep, transaction
 from services.platform.errors import Forbidden, MalformedJson, NotFound
 from services.platform.idempotency import (
+    IDEMPOTENCY_HEADER,
     IdempotencyKey,
     canonical_json,
     request_fingerprint,
 )
-from services.platform.identity import CallingService, CurrentPrincipal, Principal, PrincipalKind
+from services.platform.identity import (
+    CallingService,
+    CurrentPrincipal,
+    Principal,
+    PrincipalKind,
+    current_principal,
+)
 
 router = APIRouter(tags=["purchases"])
 internal = APIRouter(prefix="/internal/v1", include_in_schema=False)
@@ -98,17 +107,23 @@ async def create_purchase(
             extra={"max_quantity": settings.max_quantity_per_purchase},
         )
     if principal.kind is PrincipalKind.distributor and idempotency_key is None:
-        # The purchase is one statement: as its own transaction it takes one round trip.
-        async with autocommit(request.app.state.engine) as connection:
-            bought = await service.purchase_for_distributor(
-                connection,
-                distributor_id=uuid.UUID(principal.subject),
-                quantity=body.quantity,
-                unit_price=settings.stamp_price_rupiah,
-            )
+        purchases: service.DistributorPurchases = request.app.state.distributor_purchases
+        bought = await purchases.buy(uuid.UUID(principal.subject), body.quantity)
         return _created(_purchase_out(bought.purchase, bought.serials).model_dump_json())
     async with transaction(request.app.state.sessionmaker) as session:
         return await _purchase_in_transaction(session, body, principal, settings, idempotency_key)
+
+
+async def create_purchase_hot(scope: Scope, receive: Receive, send: Send) -> None:
+    """`POST /api/v1/purchases` on the lean lane (see `ServiceApp.add_hot_route`): the route
+    above with its parameters resolved by hand, skipping FastAPI's dependency machinery on the
+    busiest route of a surge. Same checks, same errors."""
+    request = Request(scope, receive)
+    principal = await current_principal(request)
+    body = await read_json_body(request, PurchaseCreate)
+    idempotency_key = request.headers.get(IDEMPOTENCY_HEADER)
+    response = await create_purchase(body, principal, request, idempotency_key)
+    await response(scope, receive, send)
 
 
 def _created(body: bytes | str, headers: dict[str, str] | None = None) -> Response:

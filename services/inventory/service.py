@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import secrets
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from services.inventory import repository as repo
 from services.inventory.models import (
@@ -21,6 +22,8 @@ from services.inventory.models import (
     Serial,
     SerialState,
 )
+from services.platform.batching import Coalescer
+from services.platform.db import autocommit
 from services.platform.errors import Conflict, MeteraiError, NotFound, Unauthorized
 from services.platform.ids import new_id
 from services.platform.tokens import display_prefix, generate_api_key, hash_api_key
@@ -149,37 +152,84 @@ async def purchase_for_distributor(
     quantity: int,
     unit_price: int,
 ) -> PurchaseResult:
-    """Allocate `quantity` serials and debit the balance, all or nothing.
+    """Allocate `quantity` serials and debit the balance, all or nothing, in the caller's
+    transaction.
 
-    Raises `InsufficientBalance` or `SoldOut`; the caller's transaction then rolls back, so a
-    refused purchase leaves no trace.
+    Raises `InsufficientBalance` or `SoldOut`; a refused purchase changes nothing.
     """
-    purchase_id = new_id()
-    row = await repo.buy_for_distributor(
-        session,
-        purchase_id=purchase_id,
-        distributor_id=distributor_id,
-        quantity=quantity,
-        unit_price=unit_price,
-    )
-    if not row.enough:
+    order = repo.DistributorOrder(new_id(), distributor_id, quantity)
+    [row] = await repo.buy_for_distributors(session, [order], unit_price=unit_price)
+    return await _distributor_outcome(session, order, row, unit_price)
+
+
+class DistributorPurchases:
+    """Distributor purchases without an Idempotency-Key, coalesced: the purchases that arrive
+    while a batch is running go together in the next one, as one statement and one commit
+    (purchases of one distributor otherwise queue for its balance row, one commit each).
+    Each purchase is still all or nothing on its own."""
+
+    def __init__(
+        self, engine: AsyncEngine, *, unit_price: int, max_batch: int, max_in_flight: int
+    ) -> None:
+        self._engine = engine
+        self._unit_price = unit_price
+        self._batches: Coalescer[repo.DistributorOrder, repo.DistributorPurchaseRow] = Coalescer(
+            self._run, max_batch=max_batch, max_in_flight=max_in_flight
+        )
+
+    async def buy(self, distributor_id: uuid.UUID, quantity: int) -> PurchaseResult:
+        """Raises `InsufficientBalance` or `SoldOut` like `purchase_for_distributor`."""
+        order = repo.DistributorOrder(new_id(), distributor_id, quantity)
+        row = await self._batches.submit(order)
+        if row.outcome == "ok":
+            return _distributor_outcome_ok(order, row, self._unit_price)
+        async with autocommit(self._engine) as connection:
+            return await _distributor_outcome(connection, order, row, self._unit_price)
+
+    async def drain(self) -> None:
+        """Let the running batches finish (on shutdown)."""
+        await self._batches.drain()
+
+    async def _run(
+        self, orders: Sequence[repo.DistributorOrder]
+    ) -> list[repo.DistributorPurchaseRow]:
+        # One statement in autocommit is one transaction and one round trip.
+        async with autocommit(self._engine) as connection:
+            return await repo.buy_for_distributors(connection, orders, unit_price=self._unit_price)
+
+
+async def _distributor_outcome(
+    connection: AsyncSession | AsyncConnection,
+    order: repo.DistributorOrder,
+    row: repo.DistributorPurchaseRow,
+    unit_price: int,
+) -> PurchaseResult:
+    if row.outcome == "sold_out":
         raise SoldOut(
-            f"Only {row.available} of the {quantity} stamps asked for are available.",
+            f"Only {row.available} of the {order.quantity} stamps asked for are available.",
             extra={"available": row.available},
         )
-    amount = quantity * unit_price
-    if row.created_at is None:
-        balance = await repo.distributor_balance(session, distributor_id)
+    if row.outcome == "insufficient_balance":
+        amount = order.quantity * unit_price
+        balance = await repo.distributor_balance(connection, order.distributor_id)
         raise InsufficientBalance(
-            f"{quantity} stamps cost Rp {amount:,}; the balance is Rp {balance:,}.",
+            f"{order.quantity} stamps cost Rp {amount:,}; the balance is Rp {balance:,}.",
             extra={"balance": balance, "amount": amount},
         )
+    return _distributor_outcome_ok(order, row, unit_price)
+
+
+def _distributor_outcome_ok(
+    order: repo.DistributorOrder, row: repo.DistributorPurchaseRow, unit_price: int
+) -> PurchaseResult:
+    if row.outcome != "ok":
+        raise RuntimeError(f"unexpected purchase outcome {row.outcome!r}")
     purchase = Purchase(
-        id=purchase_id,
-        owner=f"distributor:{distributor_id}",
-        quantity=quantity,
+        id=order.purchase_id,
+        owner=order.owner,
+        quantity=order.quantity,
         unit_price=unit_price,
-        amount=amount,
+        amount=order.quantity * unit_price,
         status=PurchaseStatus.paid,
         created_at=row.created_at,
         paid_at=row.paid_at,

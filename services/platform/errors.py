@@ -161,6 +161,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)  # noqa: S101
         status = exc.status_code
+        if status == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+            # FastAPI's answer to a JSON body that is not even UTF-8.
+            return problem_response(
+                400, "malformed_json", "Malformed JSON", "The request body is not valid JSON."
+            )
         code = {
             404: "not_found",
             405: "method_not_allowed",

@@ -100,7 +100,8 @@ class PrincipalCodec:
 
 # Dependencies are `async def` on purpose: FastAPI runs plain `def` dependencies in a thread
 # pool, a thread hop per request for work that takes microseconds.
-async def _current_principal(request: Request) -> Principal:
+async def current_principal(request: Request) -> Principal:
+    """The principal the gateway vouched for (`X-Meterai-Principal`), or `Unauthorized`."""
     token = request.headers.get(PRINCIPAL_HEADER)
     if not token:
         raise Unauthorized("Authentication required.")
@@ -108,11 +109,11 @@ async def _current_principal(request: Request) -> Principal:
     return codec.decode(token)
 
 
-CurrentPrincipal = Annotated[Principal, Depends(_current_principal)]
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 
 
 async def _current_service(request: Request) -> Principal:
-    principal = await _current_principal(request)
+    principal = await current_principal(request)
     if principal.kind is not PrincipalKind.service:
         raise Forbidden("Only Meterai services may call this endpoint.")
     return principal

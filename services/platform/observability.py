@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from services.platform.ids import new_hex_id
 
 REQUEST_ID_HEADER = "x-request-id"
+_REQUEST_ID_BYTES = REQUEST_ID_HEADER.encode()
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
 # Buckets from 1 ms to 30 s: purchases are milliseconds, uploads and signing can be seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -132,8 +133,10 @@ class ObservabilityMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = list(message.get("headers", []))
-                headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
-                message = {**message, "headers": headers}
+                # A crash answered by the app's last-resort handler already carries it.
+                if not any(name == _REQUEST_ID_BYTES for name, _ in headers):
+                    headers.append((_REQUEST_ID_BYTES, request_id.encode()))
+                    message = {**message, "headers": headers}
             await send(message)
 
         self.metrics.in_flight.inc()

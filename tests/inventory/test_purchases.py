@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, text
 
+from services.inventory import repository as repo
 from services.inventory.models import Distributor, LedgerEntry, Serial, SerialState
 from services.inventory.service import new_serial
 from services.inventory.sweeper import forget_idempotency_keys
@@ -134,6 +135,63 @@ async def test_concurrent_purchases_never_oversell(stack: ServiceStack) -> None:
     for account, balance in books["balances"].items():
         assert books["accounts"][account] == balance
     assert sum(books["balances"].values()) == 3 * 500_000 - 40 * 10_000
+
+
+async def test_concurrent_purchases_spend_the_balance_exactly(stack: ServiceStack) -> None:
+    """Purchases of one distributor arriving together run in shared batches; the balance
+    still covers exactly as many as it can pay for."""
+    await stack.mint(50)
+    api_key = await stack.create_distributor(balance=70_000)
+    async with stack.client(api_key) as client:
+        responses = await asyncio.gather(
+            *(client.post("/api/v1/purchases", json={"quantity": 1}) for _ in range(20))
+        )
+        balance = (await client.get("/api/v1/balance")).json()["balance"]
+    statuses = Counter(response.status_code for response in responses)
+    assert statuses == {201: 7, 409: 13}, statuses
+    refusals = [r.json() for r in responses if r.status_code == 409]
+    assert {problem["code"] for problem in refusals} == {"insufficient_balance"}
+    assert all(problem["amount"] == 10_000 and problem["balance"] < 10_000 for problem in refusals)
+    assert balance == 0
+    books = await ledger_and_balances(stack)
+    assert books["unbalanced"] == []
+    assert books["states"] == {SerialState.sold: 7, SerialState.available: 43}
+
+
+async def test_one_batch_runs_its_purchases_one_after_another(stack: ServiceStack) -> None:
+    """In one statement, each purchase sees what the ones before it did, and a refused one
+    leaves the others alone."""
+    await stack.mint(6)
+    await stack.create_distributor(balance=50_000)
+    engine = create_engine(stack.inventory_db, pool_size=1)
+    try:
+        async with engine.connect() as connection:
+            owner = (await connection.execute(text("SELECT id FROM distributors"))).scalar_one()
+            orders = [
+                repo.DistributorOrder(uuid.uuid4(), owner, quantity)
+                for quantity in (3, 9, 3, 1, 1, 1)
+            ]
+            rows = await repo.buy_for_distributors(connection, orders, unit_price=10_000)
+            await connection.commit()
+    finally:
+        await engine.dispose()
+    # 3 bought (Rp 20,000 and 3 serials left); 9 are more than exist; 3 cost more than the
+    # balance; 1 and 1 fit; the last finds the balance empty.
+    assert [(row.outcome, len(row.serials)) for row in rows] == [
+        ("ok", 3),
+        ("sold_out", 0),
+        ("insufficient_balance", 0),
+        ("ok", 1),
+        ("ok", 1),
+        ("insufficient_balance", 0),
+    ]
+    assert rows[1].available == 3
+    sold = [serial for row in rows for serial in row.serials]
+    assert len(set(sold)) == 5
+    books = await ledger_and_balances(stack)
+    assert books["unbalanced"] == []
+    assert books["states"] == {SerialState.sold: 5, SerialState.available: 1}
+    assert list(books["balances"].values()) == [0]
 
 
 async def test_idempotency_key_replays_and_refuses_another_body(stack: ServiceStack) -> None:

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 import httpx
 from fastapi import APIRouter, FastAPI
 
-from services.platform.app import create_service_app
+from services.platform.app import ServiceApp, create_service_app
 from services.platform.settings import ServiceSettings
 
 INTERNAL_SECRET = "platform-tests-internal-secret-0123456789abcdef"
@@ -22,7 +22,7 @@ async def _no_clients(app: FastAPI) -> AsyncIterator[None]:
 
 def service_app(
     service: str, routers: Sequence[APIRouter] = (), *, include_healthz: bool = True
-) -> FastAPI:
+) -> ServiceApp:
     """A service app as every Meterai service builds it, with no clients in its lifespan.
 
     `service` becomes part of metric names, so each test module uses its own.

@@ -65,8 +65,13 @@ async def test_a_redelivered_request_neither_signs_again_nor_uses_another_serial
         assert await _job(client, job_id) == first
         again = (await client.get(f"/api/v1/stampings/{job_id}/document")).content
         assert again == document
-        balance = (await client.get("/api/v1/balance")).json()
-        assert balance["stamps"] == {"reserved": 0, "sold": 1, "used": 1}
+
+        # Inventory learns of the use from `stamping.results`, shortly after the job is done.
+        async def stamps() -> dict[str, int] | None:
+            counts: dict[str, int] = (await client.get("/api/v1/balance")).json()["stamps"]
+            return counts if counts["used"] else None
+
+        assert await wait_for(stamps, within=30) == {"reserved": 0, "sold": 1, "used": 1}
 
 
 @pytest.mark.workers(0)
