@@ -31,6 +31,9 @@ class StampingSettings(ServiceSettings):
     worker_group: str = "signing-workers"
 
     max_upload_bytes: int = 20 * 1024 * 1024
+    # CPU time reading one document may take, at upload and again when signing (hostile
+    # documents are refused as `too_complex`); as signing.DEFAULT_CPU_BUDGET_SECONDS.
+    document_cpu_budget_seconds: float = 3.0
     db_pool_size: int = 20
 
     # Outbox relay: how often it looks for unsent messages, and when a job that has not

@@ -217,7 +217,11 @@ def _callback_field(form: FormData) -> str | None:
         409: {"description": "`serial_unavailable` or `no_unused_serial`"},
         413: {"description": "`payload_too_large`"},
         415: {"description": "`not_pdf` or `unsupported_media_type`"},
-        422: {"description": "`invalid_pdf`, `encrypted_pdf`, `page_out_of_range`..."},
+        422: {
+            "description": "`invalid_pdf`, `encrypted_pdf`, `certified_no_changes`, "
+            "`certified_pdf`, `no_pages`, `page_out_of_range`, `box_off_page`, `box_too_small`, "
+            "`already_stamped`, `too_complex`"
+        },
     },
 )
 async def create_stamping(
@@ -241,6 +245,7 @@ async def create_stamping(
         idempotency_key=idempotency_key,
         requests_topic=settings.requests_topic,
         render=lambda job: render_job(job, settings.public_base_url),
+        cpu_budget_seconds=settings.document_cpu_budget_seconds,
     )
     state.relay.wake()
     if accepted.replay is not None:

@@ -82,12 +82,26 @@ async def accept(
     idempotency_key: str | None,
     requests_topic: str,
     render: Any,
+    cpu_budget_seconds: float,
 ) -> Accepted:
     """Accept a job: one transaction writes the job, its outbox message and the idempotency
     record; the serial claimed at inventory is given back if anything after the claim fails.
 
-    `render(job)` builds the response body recorded for idempotent replays.
+    The document is inspected first (within `cpu_budget_seconds`), before any database work:
+    a hostile upload costs bounded CPU and holds no connection. `render(job)` builds the
+    response body recorded for idempotent replays.
     """
+    try:
+        page, box = await asyncio.to_thread(
+            inspect_document,
+            order.document,
+            order.page,
+            order.box,
+            order.serial,
+            cpu_budget_seconds=cpu_budget_seconds,
+        )
+    except DocumentRejected as rejection:
+        raise InvalidDocument(rejection) from rejection
     job_id = new_id()
     claimed = False
     try:
@@ -101,12 +115,6 @@ async def accept(
                 )
                 if replay is not None:
                     return Accepted(job=None, replay=replay)
-            try:
-                page, box = await asyncio.to_thread(
-                    inspect_document, order.document, order.page, order.box
-                )
-            except DocumentRejected as rejection:
-                raise InvalidDocument(rejection) from rejection
             serial = await inventory.claim_serial(
                 owner=principal.owner_key, job_id=job_id, serial=order.serial
             )

@@ -6,6 +6,10 @@ style and the reserved signature size are computed once. ``stamp`` is synchronou
 CPU-bound; run it through ``asyncio.to_thread``. Concurrent calls from several threads are
 safe (nothing shared is mutated), but the GIL serialises them, so plan for one stamp at a
 time per process.
+
+Documents come from strangers: they are read under a CPU budget and decoding limits (see
+:mod:`services.stamping.reading`), checked and placed by :mod:`services.stamping.documents`,
+and whatever a document makes go wrong becomes :class:`DocumentRejected`, never a crash.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import Any
 
 from asn1crypto import algos
 from asn1crypto import x509 as asn1_x509
@@ -26,17 +29,24 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from pyhanko.keys.internal import translate_pyca_cryptography_cert_to_asn1
-from pyhanko.pdf_utils import generic
 from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
-from pyhanko.pdf_utils.reader import PdfFileReader
-from pyhanko.pdf_utils.rw_common import find_inherited_value_in_tree
 from pyhanko.sign import fields, signers
-from pyhanko.sign.validation import read_certification_data
 from pyhanko_certvalidator.registry import SimpleCertificateStore
 
 from services.stamping.appearance import EMeteraiStampStyle
+from services.stamping.documents import (
+    DocumentRejected,
+    StampBox,
+    hybrid_opt_in,
+    open_document,
+    placement,
+    refuse_stamped,
+    rehearse,
+)
+from services.stamping.reading import DEFAULT_CPU_BUDGET_SECONDS, CpuBudget, exceeded_limit
 
 __all__ = [
+    "DEFAULT_CPU_BUDGET_SECONDS",
     "DocumentRejected",
     "SignerFailure",
     "StampBox",
@@ -46,47 +56,6 @@ __all__ = [
 ]
 
 SERIAL_PATTERN = re.compile(r"[0-9A-Z]{22}")
-DEFAULT_BOX_SIZE = 90.0
-DEFAULT_BOX_MARGIN = 36.0
-# Below half an inch the QR code stops being scannable; a zero-size box would even make
-# pyHanko create an invisible signature.
-MIN_BOX_SIDE = 36.0
-# Boxes computed by clients from floating-point page sizes may overshoot by rounding noise.
-_TOLERANCE = 0.01
-
-
-@dataclass(frozen=True)
-class StampBox:
-    """A rectangle in PDF user space (points), lower-left and upper-right corners."""
-
-    llx: float
-    lly: float
-    urx: float
-    ury: float
-
-    @classmethod
-    def normalised(cls, llx: float, lly: float, urx: float, ury: float) -> StampBox:
-        """Build a box from two opposite corners given in any order."""
-        return cls(min(llx, urx), min(lly, ury), max(llx, urx), max(lly, ury))
-
-    @property
-    def width(self) -> float:
-        """Horizontal extent in points."""
-        return self.urx - self.llx
-
-    @property
-    def height(self) -> float:
-        """Vertical extent in points."""
-        return self.ury - self.lly
-
-    def contains(self, other: StampBox) -> bool:
-        """True if ``other`` lies inside this box (with a rounding tolerance)."""
-        return (
-            other.llx >= self.llx - _TOLERANCE
-            and other.lly >= self.lly - _TOLERANCE
-            and other.urx <= self.urx + _TOLERANCE
-            and other.ury <= self.ury + _TOLERANCE
-        )
 
 
 @dataclass(frozen=True)
@@ -97,23 +66,6 @@ class StampRequest:
     verify_url: str
     page: int | None = None
     box: StampBox | None = None
-
-
-class DocumentRejected(Exception):
-    """The input document cannot be stamped; retrying will not help.
-
-    ``code`` is stable and machine-readable: ``invalid_pdf``, ``encrypted_pdf``,
-    ``certified_no_changes``, ``certified_pdf``, ``no_pages``, ``page_out_of_range``,
-    ``box_off_page``, ``box_too_small``, ``already_stamped``.
-    """
-
-    def __init__(self, code: str, detail: str) -> None:
-        super().__init__(code, detail)
-        self.code = code
-        self.detail = detail
-
-    def __str__(self) -> str:
-        return f"{self.code}: {self.detail}"
 
 
 class SignerFailure(RuntimeError):
@@ -167,12 +119,19 @@ class StampSigner:
             raise ValueError(f"unsupported signing key type {type(key).__name__}")
         return cls(key, cert, chain)
 
-    def stamp(self, pdf: bytes, request: StampRequest) -> bytes:
+    def stamp(
+        self,
+        pdf: bytes,
+        request: StampRequest,
+        *,
+        cpu_budget_seconds: float = DEFAULT_CPU_BUDGET_SECONDS,
+    ) -> bytes:
         """Affix the visible e-meterai and sign the whole document as an incremental update.
 
-        Returns the signed PDF. Raises DocumentRejected for bad documents, SignerFailure if the
-        key itself failed, ValueError for a malformed request, RuntimeError if called on a thread
-        that runs an event loop.
+        Returns the signed PDF. Raises DocumentRejected for bad documents (``too_complex`` once
+        reading it took ``cpu_budget_seconds`` of this thread's CPU time), SignerFailure if the
+        key itself failed, ValueError for a malformed request, RuntimeError if called on a
+        thread that runs an event loop.
         """
         _refuse_event_loop_thread()
         if not SERIAL_PATTERN.fullmatch(request.serial):
@@ -182,11 +141,13 @@ class StampSigner:
         field_name = f"eMeterai-{request.serial}"
         output = BytesIO()
         with _document_errors():
-            reader = _open(pdf)
-            page_index, box = _placement(reader, request.page, request.box)
-            if any(True for _ in fields.enumerate_sig_fields(reader, with_name=field_name)):
-                raise DocumentRejected("already_stamped", f"{field_name} is already present")
-            writer = IncrementalPdfFileWriter.from_reader(reader)
+            budget = CpuBudget(cpu_budget_seconds)
+            reader = open_document(pdf, budget)
+            page_index, box = placement(reader, request.page, request.box)
+            refuse_stamped(reader, request.serial)
+            writer = IncrementalPdfFileWriter.from_reader(
+                hybrid_opt_in(pdf, budget) if reader.xrefs.hybrid_xrefs_present else reader
+            )
             pdf_signer = signers.PdfSigner(
                 signers.PdfSignatureMetadata(
                     field_name=field_name,
@@ -214,17 +175,31 @@ class StampSigner:
         return output.getvalue()
 
 
-def inspect_document(pdf: bytes, page: int | None, box: StampBox | None) -> tuple[int, StampBox]:
+def inspect_document(
+    pdf: bytes,
+    page: int | None,
+    box: StampBox | None,
+    serial: str | None = None,
+    *,
+    cpu_budget_seconds: float = DEFAULT_CPU_BUDGET_SECONDS,
+) -> tuple[int, StampBox]:
     """Validate a document before a job is accepted; needs no key, so the API can call it.
 
-    Checks that it parses, is not encrypted, is not certified (``certified_no_changes`` for
-    P=1, ``certified_pdf`` otherwise), that the 1-based ``page`` exists (None = last) and that
-    the (normalised) box is at least MIN_BOX_SIDE and fits inside the page's crop box
-    (None = the default bottom-right box). Returns the 0-based page index and the box.
-    Raises DocumentRejected. Blocking: call it through ``asyncio.to_thread``.
+    Checks that it parses within ``cpu_budget_seconds`` and the decoding limits, is not
+    encrypted, is not certified (``certified_no_changes`` for P=1, ``certified_pdf``
+    otherwise), that the 1-based ``page`` exists (None = last), that the (normalised) box is at
+    least MIN_BOX_SIDE and fits inside the page's crop box (None = the default bottom-right
+    box), and that ``serial`` (if given) is not affixed yet. Then it rehearses the changes a
+    stamp makes (``documents.rehearse``). Returns the 0-based page index and the box. Raises
+    DocumentRejected. Blocking: call it through ``asyncio.to_thread``.
     """
     with _document_errors():
-        return _placement(_open(pdf), page, box)
+        reader = open_document(pdf, CpuBudget(cpu_budget_seconds))
+        page_index, placed = placement(reader, page, box)
+        if serial is not None:
+            refuse_stamped(reader, serial)
+        rehearse(reader, page_index, placed)
+        return page_index, placed
 
 
 class _LoadedKeySigner(signers.Signer):
@@ -279,84 +254,10 @@ def _document_errors() -> Iterator[None]:
     except (DocumentRejected, SignerFailure):
         raise
     except Exception as exc:
+        limit = exceeded_limit(exc)
+        if limit is not None:
+            raise DocumentRejected("too_complex", limit) from exc
         raise DocumentRejected("invalid_pdf", f"{type(exc).__name__}: {exc}") from exc
-
-
-def _open(pdf: bytes) -> PdfFileReader:
-    """Parse a document and refuse the kinds we never sign."""
-    if not pdf.startswith(b"%PDF-"):
-        raise DocumentRejected("invalid_pdf", "the file does not start with a PDF header")
-    reader = PdfFileReader(BytesIO(pdf), strict=True)
-    # Checked on the trailer so that unsupported security handlers also land here.
-    if "/Encrypt" in reader.trailer_view:
-        raise DocumentRejected("encrypted_pdf", "encrypted PDFs cannot be stamped")
-    certification = read_certification_data(reader)
-    if certification is not None:
-        if certification.permission == fields.MDPPerm.NO_CHANGES:
-            raise DocumentRejected("certified_no_changes", "the author certified: no changes")
-        # Even "form filling and signing" only covers existing fields: a new visible signature
-        # field breaks the author's certification in Acrobat and pyHanko's validator alike.
-        raise DocumentRejected(
-            "certified_pdf", "the author's certification does not allow new signature fields"
-        )
-    return reader
-
-
-def _placement(
-    reader: PdfFileReader, page: int | None, box: StampBox | None
-) -> tuple[int, StampBox]:
-    """Resolve the 1-based (or default last) page and the box, checking both against the page."""
-    count = reader.root["/Pages"]["/Count"]
-    if not isinstance(count, int) or count < 1:
-        raise DocumentRejected("no_pages", "the document has no pages")
-    if page is not None and not 1 <= page <= count:
-        raise DocumentRejected("page_out_of_range", f"page {page} is not in 1..{count}")
-    page_index = count - 1 if page is None else page - 1
-    page_ref, _ = reader.find_page_for_modification(page_index)  # type: ignore[no-untyped-call]
-    visible = _visible_area(page_ref.get_object())
-    if box is None:
-        box = StampBox(
-            visible.urx - DEFAULT_BOX_MARGIN - DEFAULT_BOX_SIZE,
-            visible.lly + DEFAULT_BOX_MARGIN,
-            visible.urx - DEFAULT_BOX_MARGIN,
-            visible.lly + DEFAULT_BOX_MARGIN + DEFAULT_BOX_SIZE,
-        )
-    else:
-        box = StampBox.normalised(box.llx, box.lly, box.urx, box.ury)
-        if min(box.width, box.height) < MIN_BOX_SIDE:
-            raise DocumentRejected(
-                "box_too_small", f"the stamp box must be at least {MIN_BOX_SIDE:g} pt each side"
-            )
-    if not visible.contains(box):
-        raise DocumentRejected("box_off_page", f"{box} is not inside page {page_index + 1}")
-    return page_index, box
-
-
-def _visible_area(page: generic.DictionaryObject) -> StampBox:
-    """The page's crop box clipped to its media box (both may be inherited)."""
-    media = _as_box(_inherited(page, "/MediaBox"))
-    crop_value = _inherited(page, "/CropBox")
-    if crop_value is None:
-        return media
-    crop = _as_box(crop_value)
-    return StampBox(
-        max(media.llx, crop.llx),
-        max(media.lly, crop.lly),
-        min(media.urx, crop.urx),
-        min(media.ury, crop.ury),
-    )
-
-
-def _inherited(page: generic.DictionaryObject, key: str) -> Any:
-    """A page attribute that may be set on the page or on any ancestor in the page tree."""
-    return find_inherited_value_in_tree(page, key, "/Parent")  # type: ignore[no-untyped-call]
-
-
-def _as_box(value: Any) -> StampBox:
-    if value is None or len(value) != 4:
-        raise DocumentRejected("invalid_pdf", "a page has no valid /MediaBox")
-    llx, lly, urx, ury = (float(v) for v in value)
-    return StampBox.normalised(llx, lly, urx, ury)
 
 
 def _reserved_signature_size(

@@ -130,7 +130,12 @@ class SigningWorker:
         started = time.perf_counter()
         try:
             async with self._signing:
-                signed = await asyncio.to_thread(self.signer.stamp, document, request)
+                signed = await asyncio.to_thread(
+                    self.signer.stamp,
+                    document,
+                    request,
+                    cpu_budget_seconds=self.settings.document_cpu_budget_seconds,
+                )
         except DocumentRejected as rejection:
             await self._finish_failed(job, rejection.code, rejection.detail)
             return
