@@ -98,7 +98,13 @@ def _secrets(data_dir: Path) -> dict[str, str]:
     values: dict[str, str] = {}
     if path.exists():
         values = json.loads(path.read_text())
-    wanted = ("internal_secret", "ops_token", "admission_secret", "payment_secret")
+    wanted = (
+        "internal_secret",
+        "ops_token",
+        "admission_secret",
+        "payment_secret",
+        "callback_secret",
+    )
     if all(name in values for name in wanted):
         return values
     # Data directories from older versions lack the newer secrets: add them, keep the rest.
@@ -192,6 +198,7 @@ class Stack:
             "METERAI_ADMISSION_SECRET": secrets_["admission_secret"],
             "METERAI_EVENT": self.settings.event,
             "METERAI_INVENTORY_PAYMENT_SECRET": secrets_["payment_secret"],
+            "METERAI_STAMPING_CALLBACK_SECRET": secrets_["callback_secret"],
             "METERAI_PUBLIC_BASE_URL": f"http://{host}:{ports.gateway}",
             "METERAI_KAFKA_BOOTSTRAP_SERVERS": endpoints.kafka,
             "METERAI_GATEWAY_INVENTORY_URL": f"http://{host}:{ports.inventory}",

@@ -76,4 +76,8 @@ ROUTES: tuple[Route, ...] = (
         Access.customer,
         RouteClass.read,
     ),
+    Route("GET", "/api/v1/callbacks/secret", Upstream.stamping, Access.customer, RouteClass.read),
+    # Verification: anyone (the QR code on every stamp opens the first).
+    Route("GET", "/verify/{serial}", Upstream.stamping, Access.public, RouteClass.read),
+    Route("POST", "/api/v1/verify", Upstream.stamping, Access.public, RouteClass.upload),
 )

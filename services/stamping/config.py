@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
-from services.platform.settings import ServiceSettings, per_service
+from services.platform.settings import Environment, ServiceSettings, per_service
+
+DEV_CALLBACK_SECRET = "meterai-development-callback-secret-change-me"  # noqa: S105
 
 
 class StampingSettings(ServiceSettings):
@@ -51,3 +53,34 @@ class StampingSettings(ServiceSettings):
     worker_max_attempts: int = 5
     worker_grace_seconds: float = 20.0
     worker_id: str = ""
+
+    # Verification (`/verify/{serial}`, `POST /api/v1/verify`): the certificates trusted as
+    # roots for stamp signatures (default: the self-signed ones in signing_chain_paths, i.e. the
+    # CA of `meterai keys init`), and how many uploads are checked at once and may wait.
+    verify_trust_roots_paths: list[Path] = Field(default_factory=list)
+    verify_concurrency: int = 1
+    verify_queue_limit: int = 8
+
+    # Callbacks to a job's `callback_url` once it is done or failed: signed with a secret
+    # derived from this one per owner (see services.stamping.callbacks), retried with
+    # exponential backoff until `callback_max_attempts`, then given up.
+    callback_secret: SecretStr = SecretStr(DEV_CALLBACK_SECRET)
+    callback_max_attempts: int = 12
+    callback_backoff_initial_seconds: float = 15.0
+    callback_backoff_max_seconds: float = 3600.0
+    callback_timeout_seconds: float = 10.0
+    callback_concurrency: int = 32
+    callback_poll_interval_seconds: float = 1.0
+    # Callbacks to loopback, private and link-local addresses (None: allowed outside production).
+    callback_allow_private_addresses: bool | None = None
+
+    def secrets(self) -> dict[str, str]:
+        return {**super().secrets(), "callback_secret": self.callback_secret.get_secret_value()}
+
+    @property
+    def callbacks_may_reach_private_addresses(self) -> bool:
+        """Whether callbacks may go to loopback and private networks (never by default in
+        production, where such a URL is a way into the internal network)."""
+        if self.callback_allow_private_addresses is not None:
+            return self.callback_allow_private_addresses
+        return self.environment is not Environment.production

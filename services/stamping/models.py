@@ -1,4 +1,4 @@
-"""Stamping tables: jobs and the outbox that hands them to Kafka."""
+"""Stamping tables: jobs, the outbox that hands them to Kafka, and callbacks to distributors."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from sqlalchemy import (
     DateTime,
     Enum,
     Float,
+    ForeignKey,
     Index,
     Integer,
     String,
@@ -112,3 +113,49 @@ class WorkerHeartbeat(Base):
     worker_id: Mapped[str] = mapped_column(String(100), primary_key=True)
     seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     jobs_done: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class CallbackState(StrEnum):
+    pending = "pending"
+    delivered = "delivered"
+    given_up = "given_up"
+
+
+class CallbackDelivery(Base):
+    """The final status of a job, owed to the job's `callback_url` (an outbox for webhooks).
+
+    A row is added by the database trigger `stamping_jobs_enqueue_callback` (see the
+    migration) in the same transaction that records a job `done` or `failed`, whichever code
+    path records it; the sender in services.stamping.callbacks delivers it. `id` is the event
+    id receivers deduplicate on; it stays the same on every attempt.
+    """
+
+    __tablename__ = "callbacks"
+    __table_args__ = (
+        # The sender's poll for due deliveries looks only at pending ones.
+        Index(
+            "ix_callbacks_due",
+            "next_attempt_at",
+            postgresql_where=text("state = 'pending'"),
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("stamping_jobs.id", ondelete="CASCADE"), unique=True
+    )
+    url: Mapped[str] = mapped_column(Text)
+    state: Mapped[CallbackState] = mapped_column(
+        Enum(CallbackState, name="callback_state", native_enum=True),
+        default=CallbackState.pending,
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # When the next attempt is due; while an attempt runs, when its claim expires.
+    next_attempt_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    last_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -1,9 +1,9 @@
-"""All stamping SQL: jobs, their leases, and the outbox."""
+"""All stamping SQL: jobs, their leases, the outbox, and callbacks."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -13,6 +13,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.stamping.models import (
     UNFINISHED,
+    CallbackDelivery,
+    CallbackState,
     JobStatus,
     OutboxMessage,
     StampingJob,
@@ -158,3 +160,102 @@ async def live_workers(session: AsyncSession, since: datetime) -> int:
         select(func.count()).select_from(WorkerHeartbeat).where(WorkerHeartbeat.seen_at >= since)
     )
     return int(count or 0)
+
+
+async def jobs_for_serials(
+    session: AsyncSession, serials: Collection[str]
+) -> dict[str, StampingJob]:
+    """The job that affixed (or is affixing) each of `serials`: a serial's one job that did
+    not fail. Serials without one are left out."""
+    rows = await session.execute(
+        select(StampingJob).where(
+            StampingJob.serial.in_(serials), StampingJob.status != JobStatus.failed
+        )
+    )
+    return {job.serial: job for job in rows.scalars().all()}
+
+
+async def claim_due_callbacks(
+    session: AsyncSession, *, limit: int, claim_for: timedelta
+) -> list[tuple[CallbackDelivery, StampingJob]]:
+    """Take up to `limit` due callbacks (counting the attempt) with their jobs.
+
+    A claimed callback is due again after `claim_for`: if its sender dies mid-attempt, another
+    attempt follows then. SKIP LOCKED keeps several senders from claiming the same row.
+    """
+    due = (
+        select(CallbackDelivery.id)
+        .where(
+            CallbackDelivery.state == CallbackState.pending,
+            CallbackDelivery.next_attempt_at <= func.now(),
+        )
+        .order_by(CallbackDelivery.next_attempt_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    rows = await session.execute(
+        update(CallbackDelivery)
+        .where(CallbackDelivery.id.in_(due))
+        .values(
+            attempts=CallbackDelivery.attempts + 1,
+            last_attempt_at=func.now(),
+            next_attempt_at=func.now() + claim_for,
+        )
+        .returning(CallbackDelivery)
+        .execution_options(synchronize_session=False)
+    )
+    callbacks = list(rows.scalars().all())
+    if not callbacks:
+        return []
+    jobs = await session.execute(
+        select(StampingJob).where(StampingJob.id.in_([c.job_id for c in callbacks]))
+    )
+    by_id = {job.id: job for job in jobs.scalars().all()}
+    return [(callback, by_id[callback.job_id]) for callback in callbacks]
+
+
+async def record_callback_attempt(
+    session: AsyncSession,
+    callback_id: uuid.UUID,
+    *,
+    attempt: int,
+    state: CallbackState,
+    status_code: int | None,
+    error: str | None,
+    retry_at: datetime | None = None,
+) -> bool:
+    """Record how attempt number `attempt` went: `delivered`, `given_up`, or `pending` again
+    until `retry_at`. False if a later claim owns the callback now (nothing recorded)."""
+    finished = state is not CallbackState.pending
+    row = await session.execute(
+        update(CallbackDelivery)
+        .where(CallbackDelivery.id == callback_id, CallbackDelivery.attempts == attempt)
+        .values(
+            state=state,
+            last_status_code=status_code,
+            last_error=error,
+            next_attempt_at=retry_at if retry_at is not None else CallbackDelivery.next_attempt_at,
+            finished_at=func.now() if finished else None,
+        )
+        .returning(CallbackDelivery.id)
+        .execution_options(synchronize_session=False)
+    )
+    return row.scalar_one_or_none() is not None
+
+
+async def callback_for_job(session: AsyncSession, job_id: uuid.UUID) -> CallbackDelivery | None:
+    callback: CallbackDelivery | None = await session.scalar(
+        select(CallbackDelivery).where(CallbackDelivery.job_id == job_id)
+    )
+    return callback
+
+
+async def forget_delivered_callbacks(session: AsyncSession, *, older_than: datetime) -> int:
+    """Drop callbacks delivered before `older_than` (given-up ones stay for operators)."""
+    result = await session.execute(
+        delete(CallbackDelivery).where(
+            CallbackDelivery.state == CallbackState.delivered,
+            CallbackDelivery.finished_at < older_than,
+        )
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
