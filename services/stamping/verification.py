@@ -250,8 +250,13 @@ def _top_level_sig_fields(reader: PdfFileReader) -> Iterator[tuple[str, Any, Any
 
 
 def _is_ours(field_name: str, sig_object: Any) -> bool:
-    """Our fields are named `eMeterai-<serial>`; our reasons start with `[<serial>]`."""
-    reason = str(sig_object.get("/Reason", "")) if isinstance(sig_object, dict) else ""
+    """Our fields are named `eMeterai-<serial>`; our reasons start with `[<serial>]`. Document
+    timestamps (PAdES B-LTA, whatever their field's name) are not stamps."""
+    if not isinstance(sig_object, dict):
+        return field_name.startswith(FIELD_PREFIX)
+    if sig_object.get("/Type") == "/DocTimeStamp":
+        return False
+    reason = str(sig_object.get("/Reason", ""))
     return field_name.startswith(FIELD_PREFIX) or bool(_REASON_SERIAL.match(reason))
 
 
