@@ -149,10 +149,6 @@ class CallbackSender:
         self._stopping = False
         self._next_purge = 0.0
 
-    def wake(self) -> None:
-        """Look for due callbacks now."""
-        self._wake.set()
-
     def stop(self) -> None:
         """Stop claiming; `run` returns after in-flight attempts finish (or the grace ends)."""
         self._stopping = True
