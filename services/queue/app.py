@@ -9,14 +9,29 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 
 import redis.asyncio as aioredis
+import structlog
 from fastapi import FastAPI
 
 from services.platform.admission import AdmissionCodec
 from services.platform.app import create_service_app
 from services.platform.health import HealthChecks
 from services.queue.config import QueueSettings
-from services.queue.room import Room
-from services.queue.router import ops, router
+from services.queue.room import Room, RoomConfig
+from services.queue.router import join_hot, ops, router, status_hot
+from services.queue.tickets import ProofOfWork, TicketCodec
+
+log = structlog.get_logger(__name__)
+
+
+async def keep_fresh(room: Room, interval: float) -> None:
+    """Refresh this replica's view of the room and write the polls it saw, every `interval`."""
+    while True:
+        try:
+            await room.flush_seen()
+            await room.refresh()
+        except (aioredis.RedisError, OSError) as exc:
+            log.warning("room_refresh_failed", error=repr(exc))
+        await asyncio.sleep(interval)
 
 
 def create_app(settings: QueueSettings | None = None) -> FastAPI:
@@ -28,29 +43,60 @@ def create_app(settings: QueueSettings | None = None) -> FastAPI:
         redis = aioredis.Redis.from_url(
             settings.redis_url, socket_timeout=2, socket_connect_timeout=2
         )
-        app.state.room = room = Room(redis, settings.event, settings.admit_per_minute)
+        defaults = RoomConfig(
+            admit_per_minute=settings.admit_per_minute,
+            max_active=settings.max_active,
+            paused=settings.paused,
+            pow_difficulty=settings.pow_difficulty,
+        )
+        app.state.room = room = Room(
+            redis,
+            settings.event,
+            defaults,
+            join_limit_per_ip=settings.join_limit_per_ip,
+            join_limit_window_seconds=settings.join_limit_window_seconds,
+            ticket_ttl_seconds=settings.ticket_ttl_seconds,
+            session_seconds=settings.session_seconds,
+        )
+        secret = settings.admission_secret.get_secret_value()
+        app.state.ticket_codec = TicketCodec(secret, settings.event)
+        app.state.proof_of_work = ProofOfWork(secret)
         app.state.admission_codec = AdmissionCodec(
-            settings.admission_secret.get_secret_value(),
-            ttl_seconds=settings.admission_ttl_seconds,
+            secret, ttl_seconds=settings.admission_ttl_seconds
         )
-        admission = asyncio.create_task(
-            room.run_admission(settings.tick_seconds, f"{socket.gethostname()}-{os.getpid()}"),
-            name="admission",
-        )
+        with suppress(aioredis.RedisError, OSError):
+            await room.refresh()  # readiness reports Redis if this fails
+        tasks = [
+            asyncio.create_task(
+                keep_fresh(room, settings.serving_refresh_seconds), name="room-refresh"
+            ),
+            asyncio.create_task(
+                room.run_admission(
+                    tick=settings.tick_seconds,
+                    identity=f"{socket.gethostname()}-{os.getpid()}-{id(room)}",
+                ),
+                name="admission",
+            ),
+        ]
         health: HealthChecks = app.state.health
         health.add("redis", redis.ping)
         try:
             yield
         finally:
-            admission.cancel()
-            with suppress(asyncio.CancelledError):
-                await admission
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with suppress(asyncio.CancelledError):
+                    await task
             await redis.aclose()
 
-    return create_service_app(
+    app = create_service_app(
         service="queue",
         title="Meterai waiting room",
         settings=settings,
         lifespan=lifespan,
         routers=[router, ops],
     )
+    app.add_hot_route("POST", "/queue/join", join_hot)
+    app.add_hot_route("GET", "/queue/status", status_hot)
+    return app

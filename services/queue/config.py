@@ -27,8 +27,20 @@ class QueueSettings(ServiceSettings):
     admission_ttl_seconds: int = 900
     # Defaults for a new event; operators change them at run time with PATCH /ops/queue.
     admit_per_minute: int = 600
+    max_active: int = 5_000
+    paused: bool = False
+    pow_difficulty: int = 0
+    # Admission runs on one replica (the leader) every tick; every replica refreshes its view
+    # of the room (counters, settings, measured rate) this often.
     tick_seconds: float = 1.0
     serving_refresh_seconds: float = 0.25
+    # A ticket not polled for this long loses its place (the page polls at most every 30 s);
+    # an admitted session not seen for this long frees its slot under `max_active`.
+    ticket_ttl_seconds: float = 120.0
+    session_seconds: float = 900.0
+    # Joins per address per window (0 = unlimited); a whole office behind one NAT must fit.
+    join_limit_per_ip: int = 300
+    join_limit_window_seconds: int = 60
     cookie_name: str = "meterai_ticket"
     cookie_secure: bool = False
 

@@ -1,109 +1,478 @@
-"""The waiting room's state in Redis: two monotonic counters per event.
+"""The waiting room's state in Redis, and what each replica caches of it.
 
-`tail` hands out queue numbers (INCR); `serving` says how far admission has reached. A ticket
-with number n is admitted once serving >= n; its position is n - serving. Both are O(1).
+Per event, Redis holds two monotonic counters and a few sets:
+
+* ``tail`` hands out queue numbers (INCR) and ``serving`` says how far admission has reached;
+  a ticket's position is its number minus ``serving`` (O(1)).
+* ``seen`` (number → last poll, ms) lets admission skip tickets nobody polls any more, so an
+  abandoned place holds nobody up; ``active`` (number → session expiry, ms) holds the admitted
+  sessions that count against ``max_active``.
+* ``prequeue`` collects arrivals before ``opens_at``; at opening they get numbers in random
+  order (SPOP), before anyone who arrives later, so hammering at the last second gains nothing.
+* ``leader`` and ``epoch`` elect the one replica that admits: a lease plus a fencing token that
+  the admission script checks, so a paused or partitioned old leader cannot admit twice.
+
+Each replica refreshes a :class:`RoomView` (counters, configuration, measured admission rate)
+in the background every ``refresh_seconds``; status requests read only that view, so waiting
+people cost no network I/O. Polls are remembered in memory and written to ``seen`` in batches.
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
+from prometheus_client import Counter, Gauge
+from redis.typing import EncodableT, FieldT
+
+from services.platform.batching import Coalescer
 
 log = structlog.get_logger(__name__)
+
+ADMITTED = Counter("meterai_queue_admitted_total", "Applicants admitted (this replica led)")
+SKIPPED = Counter("meterai_queue_expired_total", "Tickets skipped: not polled for too long")
+JOINS = Counter("meterai_queue_joins_total", "Joins", ["outcome"])
+LENGTH = Gauge("meterai_queue_length", "Tickets not yet admitted")
+ACTIVE = Gauge("meterai_queue_active", "Admitted sessions still active")
+RATE = Gauge("meterai_queue_admission_rate_per_minute", "Measured admission rate")
+FACTOR = Gauge("meterai_queue_pressure_factor", "Share of the configured rate the backend allows")
+LEADER = Gauge("meterai_queue_leader", "1 while this replica runs admission")
 
 
 @dataclass(frozen=True)
 class RoomConfig:
+    """What operators set at run time (PATCH /ops/queue); defaults come from settings."""
+
     admit_per_minute: int
-    paused: bool
+    max_active: int
+    paused: bool = False
+    opens_at: float | None = None  # unix seconds; before it, arrivals wait in the pre-queue
+    pow_difficulty: int = 0  # leading zero bits a join must prove; 0 = off
 
 
 @dataclass(frozen=True)
-class RoomSnapshot:
-    tail: int
-    serving: int
-    config: RoomConfig
+class RoomView:
+    """One replica's cached picture of the room."""
+
+    tail: int = 0
+    serving: int = 0
+    active: int = 0
+    admitted_total: int = 0
+    prequeue: int = 0
+    drawn: bool = False
+    factor: float = 1.0
+    config: RoomConfig = field(default_factory=lambda: RoomConfig(600, 1000))
+    rate_per_minute: float = 0.0  # measured over the last minute
+    refreshed_at: float = 0.0
+
+    @property
+    def length(self) -> int:
+        return max(0, self.tail - self.serving)
+
+    def expected_rate_per_second(self) -> float:
+        """Admissions per second to plan with: measured when there is a measurement."""
+        if self.rate_per_minute > 0:
+            return self.rate_per_minute / 60
+        return max(self.config.admit_per_minute * self.factor, 1.0) / 60
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One join: where from (for per-IP limits) and whether it is before the opening."""
+
+    client_ip: str
+
+
+@dataclass(frozen=True)
+class Joined:
+    number: int | None  # None: a pre-queue place (see `prequeue_id`) or refused
+    prequeue_id: str | None = None
+    limited: bool = False
+
+
+# Joins of one batch, in arrival order: per-IP fixed-window limit, then a pre-queue place before
+# the opening, else the next number (marked seen). Also draws the pre-queue if it is time.
+_JOIN = """
+local now_ms = tonumber(ARGV[1])
+local limit = tonumber(ARGV[2])
+local window = tonumber(ARGV[3])
+local n_arrivals = tonumber(ARGV[4])
+local opens = redis.call('HGET', KEYS[5], 'opens_at')
+local before_opening = opens and opens ~= '' and tonumber(opens) * 1000 > now_ms
+if not before_opening and redis.call('EXISTS', KEYS[7]) == 0 then
+    -- The sale is open: everyone from the pre-queue gets a number first, in random order.
+    while true do
+        local ids = redis.call('SPOP', KEYS[4], 1000)
+        if #ids == 0 then break end
+        for _, id in ipairs(ids) do
+            local n = redis.call('INCR', KEYS[1])
+            redis.call('HSET', KEYS[6], id, n)
+            redis.call('ZADD', KEYS[2], now_ms, n)
+        end
+    end
+    redis.call('SET', KEYS[7], '1')
+end
+local out = {}
+for i = 1, n_arrivals do
+    local ip = ARGV[4 + i * 2 - 1]
+    local pre_id = ARGV[4 + i * 2]
+    local limited = false
+    if limit > 0 then
+        local bucket = KEYS[3] .. ip .. ':' .. math.floor(now_ms / 1000 / window)
+        local count = redis.call('INCR', bucket)
+        if count == 1 then redis.call('EXPIRE', bucket, window * 2) end
+        limited = count > limit
+    end
+    if limited then
+        table.insert(out, -1)
+    elseif before_opening then
+        redis.call('SADD', KEYS[4], pre_id)
+        table.insert(out, 0)
+    else
+        local n = redis.call('INCR', KEYS[1])
+        redis.call('ZADD', KEYS[2], now_ms, n)
+        table.insert(out, n)
+    end
+end
+return out
+"""
+
+# One admission step, only for the current leader (fencing token = epoch): walk from `serving`
+# admitting tickets polled within the ticket TTL, skipping the abandoned, up to `quota` and to
+# the free active slots. Returns {admitted, skipped, serving}.
+_ADMIT = """
+local now_ms = tonumber(ARGV[1])
+local quota = tonumber(ARGV[2])
+local max_active = tonumber(ARGV[3])
+local seen_after = now_ms - tonumber(ARGV[4])
+local session_ms = tonumber(ARGV[5])
+local token = ARGV[6]
+local max_steps = tonumber(ARGV[7])
+if redis.call('GET', KEYS[5]) ~= token then return {-1, 0, 0} end
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now_ms)
+local free = max_active - redis.call('ZCARD', KEYS[4])
+if free < quota then quota = free end
+local tail = tonumber(redis.call('GET', KEYS[1]) or '0')
+local serving = tonumber(redis.call('GET', KEYS[2]) or '0')
+local admitted, skipped, steps = 0, 0, 0
+while admitted < quota and serving < tail and steps < max_steps do
+    serving = serving + 1
+    steps = steps + 1
+    local last = redis.call('ZSCORE', KEYS[3], serving)
+    if last and tonumber(last) >= seen_after then
+        redis.call('ZADD', KEYS[4], now_ms + session_ms, serving)
+        admitted = admitted + 1
+    else
+        skipped = skipped + 1
+    end
+    redis.call('ZREM', KEYS[3], serving)
+end
+redis.call('SET', KEYS[2], serving)
+redis.call('INCRBY', KEYS[6], admitted)
+return {admitted, skipped, serving}
+"""
+
+# Take or keep the lead: a new leader gets a new epoch (its fencing token).
+_LEAD = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return redis.call('GET', KEYS[2])
+end
+if holder then return false end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return redis.call('INCR', KEYS[2])
+"""
+
+# Remember polls: waiting tickets in `seen`, admitted ones extend their session in `active`.
+_SEEN = """
+local now_ms = tonumber(ARGV[1])
+local session_ms = tonumber(ARGV[2])
+local serving = tonumber(redis.call('GET', KEYS[3]) or '0')
+for i = 3, #ARGV do
+    local n = tonumber(ARGV[i])
+    if n > serving then
+        redis.call('ZADD', KEYS[1], now_ms, n)
+    else
+        redis.call('ZADD', KEYS[2], 'XX', 'GT', now_ms + session_ms, n)
+    end
+end
+return 1
+"""
 
 
 class Room:
-    def __init__(self, redis: aioredis.Redis, event: str, default_rate: int) -> None:
+    """One event's waiting room as seen from one replica."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        event: str,
+        defaults: RoomConfig,
+        *,
+        join_limit_per_ip: int = 0,
+        join_limit_window_seconds: int = 60,
+        ticket_ttl_seconds: float = 120.0,
+        session_seconds: float = 900.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.redis = redis
         self.event = event
-        self.default_rate = default_rate
-        self._tail = f"room:{event}:tail"
-        self._serving = f"room:{event}:serving"
-        self._config = f"room:{event}:config"
-        self._leader = f"room:{event}:leader"
-        self._cached_serving = 0
-        self._cached_at = 0.0
+        self.defaults = defaults
+        self.join_limit_per_ip = join_limit_per_ip
+        self.join_limit_window_seconds = join_limit_window_seconds
+        self.ticket_ttl_seconds = ticket_ttl_seconds
+        self.session_seconds = session_seconds
+        self.clock = clock
+        prefix = f"room:{{{event}}}:"  # one hash slot per event (Redis Cluster)
+        self.keys = _Keys(prefix)
+        self.view = RoomView(config=defaults)
+        self._samples: deque[tuple[float, int]] = deque()
+        self._seen: set[int] = set()
+        self._joins: Coalescer[Arrival, Joined] = Coalescer(
+            self._join_batch, max_batch=512, max_in_flight=2
+        )
+        self._join_script = redis.register_script(_JOIN)
+        self._admit_script = redis.register_script(_ADMIT)
+        self._lead_script = redis.register_script(_LEAD)
+        self._seen_script = redis.register_script(_SEEN)
 
-    async def join(self) -> int:
-        """A new, unique queue number (increasing in join order)."""
-        return int(await self.redis.incr(self._tail))
+    # Joining.
 
-    async def serving(self, max_age: float) -> int:
-        """The serving counter, read from Redis at most every `max_age` seconds."""
-        now = time.monotonic()
-        if now - self._cached_at > max_age:
-            value = await self.redis.get(self._serving)
-            self._cached_serving = int(value or 0)
-            self._cached_at = now
-        return self._cached_serving
+    async def join(self, arrival: Arrival) -> Joined:
+        """A new, unique queue number, increasing in join order (concurrent joins share one
+        round trip); a pre-queue place before the opening; or `limited`."""
+        joined = await self._joins.submit(arrival)
+        JOINS.labels(
+            "limited" if joined.limited else "prequeue" if joined.number is None else "number"
+        ).inc()
+        return joined
 
-    async def config(self) -> RoomConfig:
-        raw = await self.redis.hgetall(self._config)
-        rate = raw.get(b"admit_per_minute")
+    async def _join_batch(self, arrivals: Sequence[Arrival]) -> list[Joined]:
+        args: list[Any] = [
+            int(self.clock() * 1000),
+            self.join_limit_per_ip,
+            self.join_limit_window_seconds,
+            len(arrivals),
+        ]
+        prequeue_ids = [secrets.token_urlsafe(12) for _ in arrivals]
+        for arrival, prequeue_id in zip(arrivals, prequeue_ids, strict=True):
+            args += [arrival.client_ip, prequeue_id]
+        k = self.keys
+        results = await self._join_script(
+            keys=[k.tail, k.seen, k.joins, k.prequeue, k.config, k.drawn_numbers, k.drawn],
+            args=args,
+        )
+        joined = []
+        for result, prequeue_id in zip(results, prequeue_ids, strict=True):
+            value = int(result)
+            if value < 0:
+                joined.append(Joined(None, limited=True))
+            elif value == 0:
+                joined.append(Joined(None, prequeue_id=prequeue_id))
+            else:
+                joined.append(Joined(value))
+        return joined
+
+    async def drawn_number(self, prequeue_id: str) -> int | None:
+        """The number a pre-queue place got at the opening (None until the draw)."""
+        value = await self.redis.hget(self.keys.drawn_numbers, prequeue_id)
+        return int(value) if value is not None else None
+
+    # Status.
+
+    def note_seen(self, number: int) -> None:
+        """Remember a poll; written to Redis by the next `flush_seen` (no I/O here)."""
+        self._seen.add(number)
+
+    async def flush_seen(self) -> None:
+        if not self._seen:
+            return
+        numbers, self._seen = list(self._seen), set()
+        k = self.keys
+        await self._seen_script(
+            keys=[k.seen, k.active, k.serving],
+            args=[int(self.clock() * 1000), int(self.session_seconds * 1000), *numbers],
+        )
+
+    async def is_active(self, number: int) -> bool:
+        """True while `number` holds an admitted session (one round trip; only asked by the
+        people at the front, never by the waiting)."""
+        expiry = await self.redis.zscore(self.keys.active, number)
+        return expiry is not None and expiry > self.clock() * 1000
+
+    # The cached view.
+
+    async def refresh(self) -> RoomView:
+        """Read the counters and the configuration (one round trip) into `view`."""
+        k = self.keys
+        now = self.clock()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.mget(k.tail, k.serving, k.admitted, k.drawn, k.factor)
+            pipe.hgetall(k.config)
+            pipe.zcount(k.active, int(now * 1000), "+inf")
+            pipe.scard(k.prequeue)
+            (tail, serving, admitted, drawn, factor), raw, active, prequeue = await pipe.execute()
+        admitted_total = int(admitted or 0)
+        self._samples.append((now, admitted_total))
+        while self._samples and now - self._samples[0][0] > 60:
+            self._samples.popleft()
+        first_at, first_total = self._samples[0]
+        rate = (admitted_total - first_total) / (now - first_at) * 60 if now > first_at else 0.0
+        self.view = RoomView(
+            tail=int(tail or 0),
+            serving=int(serving or 0),
+            active=int(active),
+            admitted_total=admitted_total,
+            prequeue=int(prequeue),
+            drawn=drawn is not None,
+            factor=float(factor) if factor is not None else 1.0,
+            config=self._config_from(raw),
+            rate_per_minute=rate,
+            refreshed_at=now,
+        )
+        LENGTH.set(self.view.length)
+        ACTIVE.set(self.view.active)
+        RATE.set(rate)
+        return self.view
+
+    def _config_from(self, raw: dict[bytes, bytes]) -> RoomConfig:
+        d = self.defaults
+        opens_at = d.opens_at
+        if b"opens_at" in raw:  # set by operators; empty means "no opening time"
+            opens_at = float(raw[b"opens_at"]) if raw[b"opens_at"] else None
         return RoomConfig(
-            admit_per_minute=int(rate) if rate is not None else self.default_rate,
-            paused=raw.get(b"paused") == b"1",
+            admit_per_minute=int(raw.get(b"admit_per_minute", d.admit_per_minute)),
+            max_active=int(raw.get(b"max_active", d.max_active)),
+            paused=raw[b"paused"] == b"1" if b"paused" in raw else d.paused,
+            opens_at=opens_at,
+            pow_difficulty=int(raw.get(b"pow_difficulty", d.pow_difficulty)),
         )
 
-    async def update_config(self, *, admit_per_minute: int | None, paused: bool | None) -> None:
-        if admit_per_minute is not None:
-            await self.redis.hset(self._config, "admit_per_minute", str(admit_per_minute))
-        if paused is not None:
-            await self.redis.hset(self._config, "paused", "1" if paused else "0")
+    async def update_config(self, **changes: Any) -> RoomConfig:
+        """Change the run-time configuration; `opens_at=None` removes the opening time."""
+        fields: dict[FieldT, EncodableT] = {}
+        for name, value in changes.items():
+            if name == "paused":
+                fields[name] = "1" if value else "0"
+            elif name == "opens_at":
+                fields[name] = "" if value is None else repr(float(value))
+            else:
+                fields[name] = str(int(value))
+        if fields:
+            await self.redis.hset(self.keys.config, mapping=fields)
+        if "opens_at" in changes:
+            # A new opening time starts a new pre-queue, drawn at that opening.
+            await self.redis.delete(self.keys.drawn)
+        view = await self.refresh()
+        return view.config
 
-    async def snapshot(self) -> RoomSnapshot:
-        tail, serving = await self.redis.mget(self._tail, self._serving)
-        return RoomSnapshot(
-            tail=int(tail or 0), serving=int(serving or 0), config=await self.config()
-        )
+    # Admission (the leader only).
 
-    async def admit(self, count: int) -> int:
-        """Advance `serving` by up to `count`, never past `tail`; the new serving value."""
-        script = """
-        local tail = tonumber(redis.call('GET', KEYS[1]) or '0')
-        local serving = tonumber(redis.call('GET', KEYS[2]) or '0')
-        local target = math.min(tail, serving + tonumber(ARGV[1]))
-        if target > serving then redis.call('SET', KEYS[2], target) end
-        return math.max(target, serving)
-        """
-        result = await self.redis.eval(script, 2, self._tail, self._serving, count)
-        return int(result)
-
-    async def run_admission(self, tick: float, identity: str) -> None:
-        """Admit `admit_per_minute` people per minute while this replica holds the lead."""
+    async def run_admission(
+        self,
+        *,
+        tick: float,
+        identity: str,
+        pressure: Callable[[], Awaitable[float]] | None = None,
+    ) -> None:
+        """Admit at the configured rate while this replica holds the lead, slowed by the
+        backend's `pressure` (1.0 = at capacity; see `PressureController`)."""
+        controller = PressureController()
         carry = 0.0
+        lease_ms = int(max(tick * 3, 1.0) * 1000)
+        last = time.monotonic()
         while True:
+            started = time.monotonic()
+            elapsed, last = started - last, started
             try:
-                lead = (
-                    await self.redis.set(self._leader, identity, nx=True, px=int(tick * 3000))
-                    or (await self.redis.get(self._leader)) == identity.encode()
+                token = await self._lead_script(
+                    keys=[self.keys.leader, self.keys.epoch], args=[identity, lease_ms]
                 )
-                if lead:
-                    await self.redis.pexpire(self._leader, int(tick * 3000))
-                    config = await self.config()
-                    if not config.paused:
-                        carry += config.admit_per_minute * tick / 60.0
-                        whole = int(carry)
-                        if whole:
-                            carry -= whole
-                            await self.admit(whole)
-            except aioredis.RedisError as exc:
+                LEADER.set(1 if token else 0)
+                if token:
+                    if pressure is not None:
+                        controller.observe(await pressure())
+                        await self.redis.set(self.keys.factor, repr(controller.factor))
+                    FACTOR.set(controller.factor)
+                    carry = await self._admit_tick(elapsed, token, controller.factor, carry)
+                else:
+                    carry = 0.0
+            except (aioredis.RedisError, OSError) as exc:
                 log.warning("admission_tick_failed", error=repr(exc))
-            await asyncio.sleep(tick)
+            await asyncio.sleep(max(0.0, tick - (time.monotonic() - started)))
+
+    async def _admit_tick(self, elapsed: float, token: bytes, factor: float, carry: float) -> float:
+        """Admit what `elapsed` seconds at the rate allow (plus what was left over)."""
+        await self._join_batch([])  # draws the pre-queue once the sale opens
+        config = (await self.refresh()).config
+        opening = config.opens_at is not None and self.clock() < config.opens_at
+        if config.paused or opening:
+            return 0.0
+        carry += config.admit_per_minute * factor * elapsed / 60.0
+        quota = int(carry)
+        if quota <= 0:
+            return carry
+        k = self.keys
+        admitted, skipped, _ = await self._admit_script(
+            keys=[k.tail, k.serving, k.seen, k.active, k.epoch, k.admitted],
+            args=[
+                int(self.clock() * 1000),
+                quota,
+                config.max_active,
+                int(self.ticket_ttl_seconds * 1000),
+                int(self.session_seconds * 1000),
+                token,
+                max(quota * 20, 1000),
+            ],
+        )
+        if admitted < 0:
+            log.warning("admission_fenced", detail="another replica took the lead")
+            return 0.0
+        ADMITTED.inc(admitted)
+        SKIPPED.inc(skipped)
+        # Unused quota (nobody waiting, or max_active reached) is not saved up for a burst.
+        return carry - quota if admitted == quota else 0.0
+
+    async def reset(self) -> None:
+        """Forget the event entirely (tests and rehearsals)."""
+        await self.redis.delete(*self.keys.all())
+        self.view = replace(RoomView(config=self.defaults))
+
+
+@dataclass
+class PressureController:
+    """Additive increase, multiplicative decrease of the share of the configured rate that is
+    admitted: above capacity (pressure > 1) it shrinks by a third each tick, well below (< 0.5)
+    it grows back by a tenth, never under `floor` so the queue always moves a little."""
+
+    factor: float = 1.0
+    floor: float = 0.05
+
+    def observe(self, pressure: float) -> None:
+        if pressure > 1.0:
+            self.factor = max(self.floor, self.factor * 0.67)
+        elif pressure < 0.5:
+            self.factor = min(1.0, self.factor + 0.1)
+
+
+@dataclass(frozen=True)
+class _Keys:
+    prefix: str
+
+    def __getattr__(self, name: str) -> str:
+        return self.prefix + name.replace("_", ":")
+
+    def all(self) -> list[str]:
+        names = (
+            "tail serving seen active joins prequeue config drawn_numbers drawn leader epoch "
+            "admitted factor"
+        ).split()
+        return [getattr(self, name) for name in names]
