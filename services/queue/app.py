@@ -15,6 +15,7 @@ from services.platform.admission import AdmissionCodec
 from services.platform.app import create_service_app
 from services.platform.health import HealthChecks
 from services.queue.config import QueueSettings
+from services.queue.pages import pages
 from services.queue.room import Room
 from services.queue.router import ops, router
 
@@ -52,5 +53,6 @@ def create_app(settings: QueueSettings | None = None) -> FastAPI:
         title="Meterai waiting room",
         settings=settings,
         lifespan=lifespan,
-        routers=[router, ops],
+        # The pages come first: their `GET /` is the applicant's page.
+        routers=[pages, router, ops],
     )
