@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -148,6 +149,16 @@ class Served:
         if self.task is None:
             return
         self.server.should_exit = True
+        done, _ = await asyncio.wait({self.task}, timeout=15)
+        if not done:  # say what it waits for, then keep waiting (the test timeout ends it)
+            state = self.server.server_state
+            print(  # noqa: T201 - diagnostics for a hung test
+                f"{self.url} has not stopped after 15 s: {len(state.connections)} connections, "
+                f"{len(state.tasks)} request tasks; all tasks:",
+                file=sys.stderr,
+            )
+            for task in asyncio.all_tasks():
+                task.print_stack(limit=8, file=sys.stderr)
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
         self.task = None

@@ -45,6 +45,11 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/", Upstream.queue, Access.public, RouteClass.room),
     Route("POST", "/queue/join", Upstream.queue, Access.public, RouteClass.room),
     Route("GET", "/queue/status", Upstream.queue, Access.public, RouteClass.room),
+    # The applicant's pages: the room without JavaScript, the purchase page, their files.
+    Route("GET", "/queue/page", Upstream.queue, Access.public, RouteClass.room),
+    Route("POST", "/queue/page", Upstream.queue, Access.public, RouteClass.room),
+    Route("GET", "/beli", Upstream.queue, Access.public, RouteClass.room),
+    Route("GET", "/static/{name}", Upstream.queue, Access.public, RouteClass.room),
     Route("GET", "/ops/queue", Upstream.queue, Access.operator, RouteClass.read),
     Route("PATCH", "/ops/queue", Upstream.queue, Access.operator, RouteClass.write),
     # Purchases.

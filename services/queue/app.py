@@ -16,6 +16,7 @@ from services.platform.admission import AdmissionCodec
 from services.platform.app import create_service_app
 from services.platform.health import HealthChecks
 from services.queue.config import QueueSettings
+from services.queue.pages import pages
 from services.queue.room import Room, RoomConfig
 from services.queue.router import join_hot, ops, router, status_hot
 from services.queue.tickets import ProofOfWork, TicketCodec
@@ -85,9 +86,9 @@ def create_app(settings: QueueSettings | None = None) -> FastAPI:
         finally:
             for task in tasks:
                 task.cancel()
-            for task in tasks:
-                with suppress(asyncio.CancelledError):
-                    await task
+            # A task cancelled inside a Redis call may take a moment to unwind; never hang
+            # the shutdown on it.
+            await asyncio.wait(tasks, timeout=5)
             await redis.aclose()
 
     app = create_service_app(
@@ -95,7 +96,8 @@ def create_app(settings: QueueSettings | None = None) -> FastAPI:
         title="Meterai waiting room",
         settings=settings,
         lifespan=lifespan,
-        routers=[router, ops],
+        # The pages come first: their `GET /` is the applicant's page.
+        routers=[pages, router, ops],
     )
     app.add_hot_route("POST", "/queue/join", join_hot)
     app.add_hot_route("GET", "/queue/status", status_hot)

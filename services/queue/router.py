@@ -1,4 +1,4 @@
-"""Waiting-room routes: the page, join, status, and the operators' controls.
+"""Waiting-room routes: join, status, and the operators' controls (pages: `pages.py`).
 
 Join and status carry the surge, so they are served on the lean lane (`join_hot`,
 `status_hot`, registered in `services.queue.app`); the FastAPI routes of the same paths do the
@@ -13,11 +13,10 @@ import random
 import time
 from datetime import UTC, datetime
 from enum import StrEnum
-from importlib.resources import files
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import JSONResponse
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from starlette.requests import cookie_parser
 from starlette.types import Receive, Scope, Send
@@ -34,7 +33,6 @@ ops = APIRouter(tags=["operations"])
 
 TICKET_HEADER = "X-Queue-Ticket"
 PROOF_HEADER = "X-Queue-Proof"
-_PAGE = files("services.queue").joinpath("page.html").read_text(encoding="utf-8")
 # Nobody should wait longer than this between two polls (tickets expire after a few misses).
 MAX_POLL_SECONDS = 30.0
 
@@ -48,7 +46,9 @@ class TicketState(StrEnum):
 
 class TicketStatus(BaseModel):
     state: TicketState
-    position: int = Field(description="People ahead of you (0 once admitted or before opening).")
+    position: int = Field(
+        description="Your place in the line, 1 = next (0 once admitted or before opening)."
+    )
     eta_seconds: int | None = Field(description="Estimated wait; null when unknown or paused.")
     poll_after_seconds: float = Field(description="Ask again after this long, not sooner.")
     ticket: str = Field(description=f"Send back as the `{TICKET_HEADER}` header (or cookie).")
@@ -155,6 +155,11 @@ async def _status_of(app: Any, scope: Scope) -> tuple[dict[str, Any], list[str]]
 async def _join(app: Any, scope: Scope) -> tuple[dict[str, Any], list[str]]:
     ticket = _ticket_of(app, scope)
     cookies: list[str] = []
+    if ticket is not None:
+        try:
+            return await _status(app, ticket)
+        except TicketExpired:
+            ticket = None  # the place lapsed: joining again starts at the back
     if ticket is None:
         room = _room(app)
         difficulty = room.view.config.pow_difficulty
@@ -207,7 +212,8 @@ async def _status(app: Any, ticket: Ticket) -> tuple[dict[str, Any], list[str]]:
         room.note_seen(number)
         position = number - view.serving
         if view.config.paused:
-            return _body(TicketState.paused, position, None, _jitter(15.0), token), cookies
+            # Paused: a resume should reach everyone within seconds, not a whole poll cycle.
+            return _body(TicketState.paused, position, None, _jitter(5.0), token), cookies
         eta = position / view.expected_rate_per_second()
         poll = _jitter(min(MAX_POLL_SECONDS, max(2.0, eta / 10)))
         return _body(TicketState.waiting, position, round(eta), poll, token), cookies
@@ -307,13 +313,7 @@ async def _send_json(send: Send, body: dict[str, Any], cookies: list[str]) -> No
     await send({"type": "http.response.body", "body": payload})
 
 
-# FastAPI routes: the page, the documentation of the lean routes, and operations.
-
-
-@router.get("/", response_class=HTMLResponse, summary="The waiting-room page")
-async def page() -> HTMLResponse:
-    """The applicant's page (Bahasa Indonesia, English toggle); polls `/queue/status`."""
-    return HTMLResponse(_PAGE, headers={"Cache-Control": "no-cache"})
+# FastAPI routes: the same join and status (documented), and operations.
 
 
 @router.post("/queue/join", response_model=TicketStatus, summary="Take a place in the queue")
