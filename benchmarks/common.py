@@ -166,6 +166,12 @@ class Stack:
     data_dir: Path
     gateway: str
     env: dict[str, str]
+    base_port: int
+
+    @property
+    def queue(self) -> str:
+        """The waiting room's own address (`meterai up` puts it next to the gateway)."""
+        return f"http://127.0.0.1:{self.base_port + 1}"
 
     def meterai(self, *args: str) -> str:
         result = subprocess.run(
@@ -179,10 +185,12 @@ class Stack:
 
 
 @contextmanager
-def meterai_up(workers: int = 0) -> Iterator[Stack]:
-    """`meterai up` in a scratch data directory, on free ports, stopped afterwards."""
+def meterai_up(workers: int = 0, settings: dict[str, str] | None = None) -> Iterator[Stack]:
+    """`meterai up` in a scratch data directory, on free ports, stopped afterwards;
+    `settings` are extra `METERAI_*` environment variables."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("METERAI_")}
     env["METERAI_LOG_LEVEL"] = "WARNING"
+    env.update(settings or {})
     base = free_base_port()
     with tempfile.TemporaryDirectory(prefix="meterai-bench-") as scratch:
         data_dir = Path(scratch) / "data"
@@ -212,7 +220,7 @@ def meterai_up(workers: int = 0) -> Iterator[Stack]:
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError((Path(scratch) / "up.log").read_text())
                 time.sleep(0.3)
-            yield Stack(data_dir, gateway, env)
+            yield Stack(data_dir, gateway, env, base)
         finally:
             process.send_signal(signal.SIGINT)
             process.wait(120)
