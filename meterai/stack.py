@@ -209,6 +209,7 @@ class Stack:
                 endpoints.postgres_server, DATABASES["inventory"]
             ),
             "METERAI_QUEUE_REDIS_URL": endpoints.redis,
+            "METERAI_QUEUE_STAMPING_URL": f"http://{host}:{ports.stamping}",
             "METERAI_STAMPING_DATABASE_URL": database_url(
                 endpoints.postgres_server, DATABASES["stamping"]
             ),

@@ -260,6 +260,7 @@ class ServiceStack:
                         "redis_url": self.infra.redis.url(),
                         "event": self.event,
                         "admission_secret": ADMISSION_SECRET,
+                        "stamping_url": self.servers["stamping"].url,
                         **self.overrides.get("queue", {}),
                     }
                 )

@@ -15,8 +15,11 @@ from fastapi import FastAPI
 from services.platform.admission import AdmissionCodec
 from services.platform.app import create_service_app
 from services.platform.health import HealthChecks
+from services.platform.http import ServiceClient, create_http_client
+from services.platform.identity import Principal, PrincipalKind
 from services.queue.config import QueueSettings
 from services.queue.pages import pages
+from services.queue.pressure import BackendPressure
 from services.queue.room import Room, RoomConfig
 from services.queue.router import join_hot, ops, router, status_hot
 from services.queue.tickets import ProofOfWork, TicketCodec
@@ -67,6 +70,14 @@ def create_app(settings: QueueSettings | None = None) -> FastAPI:
         )
         with suppress(aioredis.RedisError, OSError):
             await room.refresh()  # readiness reports Redis if this fails
+        stamping = create_http_client(settings.stamping_url, timeout=5)
+        pressure = BackendPressure(
+            ServiceClient(
+                stamping, app.state.principal_codec, Principal(PrincipalKind.service, "queue")
+            ),
+            backlog_jobs=settings.backlog_target_jobs,
+            backlog_seconds=settings.backlog_target_seconds,
+        )
         tasks = [
             asyncio.create_task(
                 keep_fresh(room, settings.serving_refresh_seconds), name="room-refresh"
@@ -75,6 +86,7 @@ def create_app(settings: QueueSettings | None = None) -> FastAPI:
                 room.run_admission(
                     tick=settings.tick_seconds,
                     identity=f"{socket.gethostname()}-{os.getpid()}-{id(room)}",
+                    pressure=pressure,
                 ),
                 name="admission",
             ),
@@ -90,6 +102,7 @@ def create_app(settings: QueueSettings | None = None) -> FastAPI:
             # the shutdown on it.
             await asyncio.wait(tasks, timeout=5)
             await redis.aclose()
+            await stamping.aclose()
 
     app = create_service_app(
         service="queue",

@@ -41,6 +41,11 @@ class QueueSettings(ServiceSettings):
     # Joins per address per window (0 = unlimited); a whole office behind one NAT must fit.
     join_limit_per_ip: int = 300
     join_limit_window_seconds: int = 60
+    # Closed loop: admission slows while stamping has more than this many unfinished jobs or
+    # its oldest job waits longer than this, and speeds up again as the backlog drains.
+    stamping_url: str = "http://127.0.0.1:8003"
+    backlog_target_jobs: int = 2_000
+    backlog_target_seconds: float = 120.0
     cookie_name: str = "meterai_ticket"
     cookie_secure: bool = False
 

@@ -21,6 +21,7 @@ from services.platform.http import ServiceClient, create_http_client
 from services.platform.identity import Principal, PrincipalKind
 from services.platform.kafka import check_kafka, create_producer
 from services.stamping import repository as repo
+from services.stamping.backlog import internal as backlog_internal
 from services.stamping.callbacks import CallbackSender, RetryPolicy
 from services.stamping.callbacks_router import router as callbacks_router
 from services.stamping.config import StampingSettings
@@ -145,5 +146,5 @@ def create_app(settings: StampingSettings | None = None) -> FastAPI:
         title="Meterai stamping",
         settings=settings,
         lifespan=lifespan,
-        routers=[router, verify_router, callbacks_router],
+        routers=[router, verify_router, callbacks_router, backlog_internal],
     )

@@ -100,7 +100,7 @@ async def test_twenty_thousand_join_in_order_and_a_rejoin_keeps_the_place(
     print(f"20,000 joins in {took:.1f} s")
 
 
-@pytest.mark.settings(queue={"admit_per_minute": 0})
+@pytest.mark.settings(queue={"admit_per_minute": 0, "join_limit_per_ip": 0})
 async def test_admission_over_a_minute_stays_within_five_percent_of_the_rate(
     stack: ServiceStack,
 ) -> None:
