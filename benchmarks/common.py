@@ -186,8 +186,8 @@ class Stack:
 
 @contextmanager
 def meterai_up(workers: int = 0, settings: dict[str, str] | None = None) -> Iterator[Stack]:
-    """`meterai up` in a scratch data directory, on free ports, stopped afterwards;
-    `settings` are extra `METERAI_*` environment variables."""
+    """`meterai up` in a scratch data directory, on free ports, stopped afterwards; `settings`
+    are environment variables for every process (e.g. METERAI_STAMPING_WORKER_CONCURRENCY)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("METERAI_")}
     env["METERAI_LOG_LEVEL"] = "WARNING"
     env.update(settings or {})

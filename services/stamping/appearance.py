@@ -8,12 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import qrcode
 from pyhanko.pdf_utils import generic, layout
 from pyhanko.pdf_utils.content import ResourceType
 from pyhanko.pdf_utils.generic import pdf_name
 from pyhanko.pdf_utils.writer import BasePdfFileWriter
 from pyhanko.stamp import BaseStamp, BaseStampStyle
+
+from services.stamping.qr import qr_modules
 
 # Helvetica-Bold advance widths (Adobe core-14 AFM, 1/1000 em) for the characters we draw.
 _HELVETICA_BOLD_WIDTHS = {
@@ -121,10 +122,7 @@ def _centred_text(
 
 def _qr_code(data: str, *, x: float, y: float, side: float) -> bytes:
     """A QR code as filled rectangles (one per run of dark modules), 2-module quiet zone."""
-    qr = qrcode.QRCode(error_correction=qrcode.constants.ERROR_CORRECT_M, border=0)
-    qr.add_data(data)
-    qr.make(fit=True)
-    rows: list[list[bool]] = qr.modules
+    rows = qr_modules(data)
     count = len(rows)
     module = side / (count + 4)
     runs: list[bytes] = []

@@ -48,6 +48,12 @@ class StampingSettings(ServiceSettings):
     signing_cert_path: Path = Path("keys/signer.pem")
     signing_chain_paths: list[Path] = Field(default_factory=lambda: [Path("keys/ca.pem")])
     signing_key_passphrase: str | None = None
+    # An RFC 3161 timestamp authority: every signature gets a signature timestamp from it
+    # (PAdES B-T). Empty: no timestamps (PAdES B-B, the time of signing is only claimed).
+    tsa_url: str = ""
+    tsa_timeout_seconds: float = 5.0
+    # Jobs in flight per worker: their I/O overlaps one signature at a time (with a timestamp
+    # authority, that many signatures wait for it at once).
     worker_concurrency: int = 2
     worker_lease_seconds: float = 30.0
     worker_max_attempts: int = 5

@@ -1,11 +1,15 @@
-"""Affix a visible e-meterai to a PDF and sign the whole document (PAdES B-B, incremental).
+"""Affix a visible e-meterai to a PDF and sign the whole document (PAdES, incremental):
+B-B, or B-T when a timestamp authority is configured.
 
 Build one :class:`StampSigner` per worker process and call :meth:`StampSigner.stamp` for every
 document. The signer holds no per-document state: the key object, certificate chain, stamp
-style and the reserved signature size are computed once. ``stamp`` is synchronous and
-CPU-bound; run it through ``asyncio.to_thread``. Concurrent calls from several threads are
-safe (nothing shared is mutated), but the GIL serialises them, so plan for one stamp at a
-time per process.
+style, the reserved signature size and the CMS container template
+(:mod:`services.stamping.cms_signer`) are made once. ``stamp`` is synchronous and CPU-bound
+(plus one request to the timestamp authority for B-T); run it through ``asyncio.to_thread``.
+Concurrent calls from several threads are safe (what is shared is computed once, the
+template and the timestamp reservation by the first stamp, and never changed after), but the
+GIL serialises them, so plan for one stamp at a time per process (B-T stamps may overlap
+their waits for the authority).
 
 Documents come from strangers: they are read under a CPU budget and decoding limits (see
 :mod:`services.stamping.reading`), checked and placed by :mod:`services.stamping.documents`,
@@ -22,11 +26,9 @@ from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
-from asn1crypto import algos
-from asn1crypto import x509 as asn1_x509
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from pyhanko.keys.internal import translate_pyca_cryptography_cert_to_asn1
 from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
@@ -34,6 +36,7 @@ from pyhanko.sign import fields, signers
 from pyhanko_certvalidator.registry import SimpleCertificateStore
 
 from services.stamping.appearance import EMeteraiStampStyle
+from services.stamping.cms_signer import KeySigner, SignerFailure
 from services.stamping.documents import (
     DocumentRejected,
     StampBox,
@@ -44,6 +47,7 @@ from services.stamping.documents import (
     rehearse,
 )
 from services.stamping.reading import DEFAULT_CPU_BUDGET_SECONDS, CpuBudget, exceeded_limit
+from services.stamping.timestamps import TimestampAuthority
 
 __all__ = [
     "DEFAULT_CPU_BUDGET_SECONDS",
@@ -68,10 +72,6 @@ class StampRequest:
     box: StampBox | None = None
 
 
-class SignerFailure(RuntimeError):
-    """The signing key failed; the document is not at fault and the job may be retried."""
-
-
 class StampSigner:
     """Stamps and signs documents with one key; build once per process, reuse for every job."""
 
@@ -80,8 +80,15 @@ class StampSigner:
         private_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey,
         certificate: x509.Certificate,
         chain: Sequence[x509.Certificate] = (),
+        *,
+        tsa_url: str = "",
+        tsa_timeout_seconds: float = 5.0,
     ) -> None:
-        """Use an already loaded key; prefer :meth:`from_pem_files` or :meth:`from_pkcs12`."""
+        """Use an already loaded key; prefer :meth:`from_pem_files` or :meth:`from_pkcs12`.
+
+        With ``tsa_url``, every signature gets an RFC 3161 signature timestamp from that
+        authority (PAdES B-T); a failing authority fails the stamp with SignerFailure.
+        """
         if not isinstance(private_key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
             raise ValueError(f"unsupported signing key type {type(private_key).__name__}")
         if certificate.public_key() != private_key.public_key():
@@ -90,9 +97,12 @@ class StampSigner:
         signing_cert = translate_pyca_cryptography_cert_to_asn1(certificate)
         others = [translate_pyca_cryptography_cert_to_asn1(cert) for cert in chain]
         registry = SimpleCertificateStore.from_certs(others)  # type: ignore[no-untyped-call]
-        self._signer = _LoadedKeySigner(private_key, signing_cert, registry)
-        self._bytes_reserved = _reserved_signature_size(private_key, [signing_cert, *others])
+        self._signer = KeySigner(private_key, signing_cert, registry)
+        self._bytes_reserved = self._signer.bytes_reserved()
         self._style = EMeteraiStampStyle()
+        self._timestamper = (
+            TimestampAuthority(tsa_url, timeout=tsa_timeout_seconds) if tsa_url else None
+        )
 
     @classmethod
     def from_pem_files(
@@ -101,23 +111,33 @@ class StampSigner:
         cert_path: Path,
         chain_paths: Sequence[Path] = (),
         key_passphrase: bytes | None = None,
+        *,
+        tsa_url: str = "",
+        tsa_timeout_seconds: float = 5.0,
     ) -> StampSigner:
         """Load a PEM (or DER) private key, its certificate and optional chain certificates."""
         key = _load_private_key(key_path.read_bytes(), key_passphrase)
         # A certificate file may carry its chain after the signer's own certificate.
         cert, *bundled = _load_certificates(cert_path.read_bytes())
         chain = bundled + [c for path in chain_paths for c in _load_certificates(path.read_bytes())]
-        return cls(key, cert, chain)
+        return cls(key, cert, chain, tsa_url=tsa_url, tsa_timeout_seconds=tsa_timeout_seconds)
 
     @classmethod
-    def from_pkcs12(cls, path: Path, passphrase: bytes | None) -> StampSigner:
+    def from_pkcs12(
+        cls,
+        path: Path,
+        passphrase: bytes | None,
+        *,
+        tsa_url: str = "",
+        tsa_timeout_seconds: float = 5.0,
+    ) -> StampSigner:
         """Load key, certificate and chain from a PKCS#12 (.p12/.pfx) bundle."""
         key, cert, chain = pkcs12.load_key_and_certificates(path.read_bytes(), passphrase)
         if key is None or cert is None:
             raise ValueError(f"{path} does not hold both a private key and its certificate")
         if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
             raise ValueError(f"unsupported signing key type {type(key).__name__}")
-        return cls(key, cert, chain)
+        return cls(key, cert, chain, tsa_url=tsa_url, tsa_timeout_seconds=tsa_timeout_seconds)
 
     def stamp(
         self,
@@ -130,8 +150,8 @@ class StampSigner:
 
         Returns the signed PDF. Raises DocumentRejected for bad documents (``too_complex`` once
         reading it took ``cpu_budget_seconds`` of this thread's CPU time), SignerFailure if the
-        key itself failed, ValueError for a malformed request, RuntimeError if called on a
-        thread that runs an event loop.
+        key or the timestamp authority failed (worth retrying later), ValueError for a malformed
+        request, RuntimeError if called on a thread that runs an event loop.
         """
         _refuse_event_loop_thread()
         if not SERIAL_PATTERN.fullmatch(request.serial):
@@ -156,6 +176,7 @@ class StampSigner:
                     md_algorithm="sha256",
                 ),
                 signer=self._signer,
+                timestamper=self._timestamper,
                 stamp_style=self._style,
                 new_field_spec=fields.SigFieldSpec(
                     sig_field_name=field_name,
@@ -165,14 +186,28 @@ class StampSigner:
                     readable_field_name=f"e-Meterai {request.serial}",
                 ),
             )
-            pdf_signer.sign_pdf(
-                writer,
-                # A fixed reservation skips pyHanko's dry-run signature used for sizing.
-                bytes_reserved=self._bytes_reserved,
-                appearance_text_params={"serial": request.serial, "url": request.verify_url},
-                output=output,
-            )
+            # pyHanko's sign_pdf, in a coroutine of ours so that the timestamp reservation
+            # can be sized on the same event loop.
+            asyncio.run(self._sign(pdf_signer, writer, request, output))
         return output.getvalue()
+
+    async def _sign(
+        self,
+        pdf_signer: signers.PdfSigner,
+        writer: IncrementalPdfFileWriter,
+        request: StampRequest,
+        output: BytesIO,
+    ) -> None:
+        # A fixed reservation skips pyHanko's dry-run signature used for sizing.
+        reserved = self._bytes_reserved
+        if self._timestamper is not None:
+            reserved += await self._signer.timestamp_allowance(self._timestamper)
+        await pdf_signer.async_sign_pdf(
+            writer,
+            bytes_reserved=reserved,
+            appearance_text_params={"serial": request.serial, "url": request.verify_url},
+            output=output,
+        )
 
 
 def inspect_document(
@@ -202,37 +237,6 @@ def inspect_document(
         return page_index, placed
 
 
-class _LoadedKeySigner(signers.Signer):
-    """pyHanko signer over a key object loaded once (SimpleSigner re-parses DER per sign)."""
-
-    def __init__(
-        self,
-        key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey,
-        signing_cert: asn1_x509.Certificate,
-        registry: SimpleCertificateStore,
-    ) -> None:
-        mechanism = "sha256_rsa" if isinstance(key, rsa.RSAPrivateKey) else "sha256_ecdsa"
-        super().__init__(
-            signing_cert=signing_cert,
-            cert_registry=registry,
-            signature_mechanism=algos.SignedDigestAlgorithm({"algorithm": mechanism}),
-        )
-        self._key = key
-
-    async def async_sign_raw(
-        self, data: bytes, digest_algorithm: str, dry_run: bool = False
-    ) -> bytes:
-        """Sign ``data`` with the loaded key (PKCS#1 v1.5 for RSA, ECDSA for EC keys)."""
-        if digest_algorithm != "sha256":
-            raise SignerFailure(f"unexpected digest algorithm {digest_algorithm}")
-        try:
-            if isinstance(self._key, rsa.RSAPrivateKey):
-                return self._key.sign(data, padding.PKCS1v15(), hashes.SHA256())
-            return self._key.sign(data, ec.ECDSA(hashes.SHA256()))
-        except Exception as exc:
-            raise SignerFailure(f"signing key failed: {exc}") from exc
-
-
 def _refuse_event_loop_thread() -> None:
     """Fail loudly, before any document handling, when called on an event loop's thread.
 
@@ -258,17 +262,6 @@ def _document_errors() -> Iterator[None]:
         if limit is not None:
             raise DocumentRejected("too_complex", limit) from exc
         raise DocumentRejected("invalid_pdf", f"{type(exc).__name__}: {exc}") from exc
-
-
-def _reserved_signature_size(
-    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, certs: Sequence[asn1_x509.Certificate]
-) -> int:
-    """Hex characters to reserve for the CMS blob: certificates, signature and some slack."""
-    signature = key.key_size // 8 if isinstance(key, rsa.RSAPrivateKey) else key.key_size // 4 + 16
-    # Signed attributes (content type, digest, algorithm protection, ESS signing-certificate-v2
-    # which repeats the issuer name) and the SignedData framing: about 600 bytes measured.
-    der = sum(len(cert.dump()) for cert in certs) + signature + len(certs[0].issuer.dump()) + 1024
-    return 2 * der  # written as hex
 
 
 def _load_private_key(

@@ -54,13 +54,18 @@ def load_signer(settings: StampingSettings) -> StampSigner:
     passphrase = (
         settings.signing_key_passphrase.encode() if settings.signing_key_passphrase else None
     )
+    tsa_url, tsa_timeout = settings.tsa_url, settings.tsa_timeout_seconds
     if settings.signing_key_path.suffix.lower() in (".p12", ".pfx"):
-        return StampSigner.from_pkcs12(settings.signing_key_path, passphrase)
+        return StampSigner.from_pkcs12(
+            settings.signing_key_path, passphrase, tsa_url=tsa_url, tsa_timeout_seconds=tsa_timeout
+        )
     return StampSigner.from_pem_files(
         settings.signing_key_path,
         settings.signing_cert_path,
         settings.signing_chain_paths,
         passphrase,
+        tsa_url=tsa_url,
+        tsa_timeout_seconds=tsa_timeout,
     )
 
 
@@ -84,7 +89,8 @@ class SigningWorker:
         self.lease = timedelta(seconds=settings.worker_lease_seconds)
         self.jobs_done = 0
         # pyHanko work is CPU-bound: one signature at a time, I/O of other jobs overlaps it.
-        self._signing = asyncio.Semaphore(1)
+        # With a timestamp authority a signature also waits on the network: let them overlap.
+        self._signing = asyncio.Semaphore(settings.worker_concurrency if settings.tsa_url else 1)
 
     async def __call__(self, record: ConsumerRecord[bytes, bytes]) -> None:
         try:

@@ -1,0 +1,299 @@
+"""Stamps per second: our signer in one process next to pyHanko as its documentation shows it,
+then jobs per second through the whole stack (gateway, Kafka, signing workers) with one and
+with two signing workers.
+
+    python -m benchmarks.stamping [--part signer|stack|both] [--seconds 2] [--rounds 5]
+                                  [--tsa] [--jobs 400] [--repeat 1] [--set NAME=VALUE]
+
+Both parts stamp the same reference document, generated here: A4, four pages of text and a
+photo-like image, about 800 KB, like a CPNS upload.
+
+Part one signs in this process, one stamp at a time, exactly as a worker calls the signer
+(the page and box resolved at upload; reading the document under the CPU budget, placing,
+stamping, signing RSA-2048, PAdES B-B). Rounds alternate between our signer and pyHanko's
+documented way (``SimpleSigner.load`` and ``PdfSigner(..., stamp_style=QRStampStyle(...))``
+with a visible QR stamp in the same box), so both see the same machine load. ``--tsa`` adds a
+PAdES B-T figure with a local timestamp authority (tests/tsa.py) on the same cores.
+
+Part two (benchmarks/drain.py) runs `meterai up` with 1, then 2 signing workers, pauses the
+workers (SIGSTOP), uploads ``--jobs`` copies through the gateway, resumes them and times the
+drain from the workers' own counters: jobs finished per second from when every worker has
+finished one (the paused workers have to rejoin the consumer group first) until 90% of the
+batch is done. It also reports the CPU each job costs in the workers and in the rest of the
+stack, and how busy the machine was outside the stack meanwhile: on a 2-core machine the API,
+relay, inventory, PostgreSQL and the broker share the cores with the workers, and so does
+anything else running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+from pyhanko.pdf_utils import generic
+from pyhanko.pdf_utils.font.basic import get_courier
+from pyhanko.pdf_utils.generic import pdf_name
+from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
+from pyhanko.pdf_utils.writer import PageObject, PdfFileWriter
+from pyhanko.sign import fields, signers
+from pyhanko.stamp import QRStampStyle
+
+from benchmarks.drain import stack_part
+from services.stamping.config import StampingSettings
+from services.stamping.keys import SigningKeyPaths, create_development_keys
+from services.stamping.signing import StampRequest, StampSigner, inspect_document
+
+A4 = (595.28, 841.89)
+BASE_URL = "http://127.0.0.1:8000"
+_WORDS = (
+    "surat pernyataan bersedia ditempatkan di seluruh wilayah negara kesatuan republik "
+    "indonesia saya yang bertanda tangan di bawah ini menyatakan dengan sesungguhnya bahwa "
+    "data yang saya sampaikan adalah benar dan apabila di kemudian hari terbukti tidak benar"
+).split()
+
+
+# --- The reference document ----------------------------------------------------------------
+
+
+def reference_document(pages: int = 4, seed: int = 2024) -> bytes:
+    """A4 pages of text in Courier and, on the first page, a 480x560 RGB image (deflated
+    noise over a gradient, so that it stays about 780 KB as a scan or a photo would)."""
+    rng = random.Random(seed)  # noqa: S311 - test data, not secrets
+    writer = PdfFileWriter(stream_xrefs=False)
+    font = writer.add_object(get_courier(writer))
+    width, height = 480, 560
+    pixels = b"".join(
+        bytes(
+            (noise >> 2) + ((x // 3 + y) % 160) for x, noise in enumerate(rng.randbytes(3 * width))
+        )
+        for y in range(height)
+    )
+    image = generic.StreamObject(
+        {
+            pdf_name("/Type"): pdf_name("/XObject"),
+            pdf_name("/Subtype"): pdf_name("/Image"),
+            pdf_name("/Width"): generic.NumberObject(width),
+            pdf_name("/Height"): generic.NumberObject(height),
+            pdf_name("/ColorSpace"): pdf_name("/DeviceRGB"),
+            pdf_name("/BitsPerComponent"): generic.NumberObject(8),
+        },
+        stream_data=pixels,
+    )
+    image.compress()
+    image_ref = writer.add_object(image)
+    for number in range(pages):
+        resources = generic.DictionaryObject(
+            {pdf_name("/Font"): generic.DictionaryObject({pdf_name("/F1"): font})}
+        )
+        lines = 20 if number == 0 else 60
+        ops = [b"BT /F1 10 Tf 12 TL 56 790 Td"]
+        ops += [
+            b"(%s) '" % " ".join(rng.choice(_WORDS) for _ in range(11)).encode()
+            for _ in range(lines)
+        ]
+        ops.append(b"ET")
+        if number == 0:
+            resources[pdf_name("/XObject")] = generic.DictionaryObject(
+                {pdf_name("/Im1"): image_ref}
+            )
+            ops.append(b"q 288 0 0 336 154 120 cm /Im1 Do Q")
+        contents = generic.StreamObject(stream_data=b"\n".join(ops))
+        contents.compress()
+        writer.insert_page(
+            PageObject(
+                contents=writer.add_object(contents), media_box=(0, 0, *A4), resources=resources
+            )
+        )
+    out = BytesIO()
+    writer.write(out)
+    return out.getvalue()
+
+
+def serial_for(number: int) -> str:
+    return f"BENCH{number:017d}"
+
+
+# --- Part one: signing in one process ------------------------------------------------------
+
+
+@dataclass
+class Rate:
+    stamps: int
+    seconds: float
+    cpu_seconds: float
+
+    @property
+    def per_second(self) -> float:
+        return self.stamps / self.seconds
+
+    @property
+    def per_cpu_second(self) -> float:
+        """Stamps per second of this process's CPU time: what a core to itself would do."""
+        return self.stamps / self.cpu_seconds
+
+
+def timed(stamp: Callable[[int], bytes], seconds: float, minimum: int, start: int) -> Rate:
+    """Stamp for about ``seconds`` (at least ``minimum`` stamps), serials from ``start``."""
+    count, began, cpu = 0, time.perf_counter(), time.process_time()
+    while count < minimum or time.perf_counter() - began < seconds:
+        stamp(start + count)
+        count += 1
+    return Rate(count, time.perf_counter() - began, time.process_time() - cpu)
+
+
+def our_signer(keys: SigningKeyPaths, document: bytes, tsa_url: str = "") -> Callable[[int], bytes]:
+    """The worker's path: StampSigner built once, page and box as resolved at upload."""
+    signer = StampSigner.from_pem_files(
+        keys.signer_key, keys.signer_cert, [keys.ca_cert], tsa_url=tsa_url
+    )
+    page_index, box = inspect_document(document, None, None)
+    budget = StampingSettings().document_cpu_budget_seconds
+
+    def stamp(number: int) -> bytes:
+        serial = serial_for(number)
+        request = StampRequest(serial, f"{BASE_URL}/verify/{serial}", page=page_index + 1, box=box)
+        return signer.stamp(document, request, cpu_budget_seconds=budget)
+
+    return stamp
+
+
+def documented_pyhanko(keys: SigningKeyPaths, document: bytes) -> Callable[[int], bytes]:
+    """pyHanko as its documentation shows it: SimpleSigner.load, a PdfSigner with a QR stamp
+    style, sign_pdf on an IncrementalPdfFileWriter; the same page and box as ours."""
+    signer = signers.SimpleSigner.load(
+        str(keys.signer_key), str(keys.signer_cert), ca_chain_files=(str(keys.ca_cert),)
+    )
+    if signer is None:
+        raise RuntimeError("pyHanko could not load the development key")
+    page_index, box = inspect_document(document, None, None)
+
+    def stamp(number: int) -> bytes:
+        serial = serial_for(number)
+        field_name = f"eMeterai-{serial}"
+        pdf_signer = signers.PdfSigner(
+            signers.PdfSignatureMetadata(
+                field_name=field_name,
+                subfilter=fields.SigSeedSubFilter.PADES,
+                md_algorithm="sha256",
+            ),
+            signer=signer,
+            stamp_style=QRStampStyle(stamp_text="e-Meterai\n%(serial)s"),
+            new_field_spec=fields.SigFieldSpec(
+                sig_field_name=field_name,
+                on_page=page_index,
+                box=(box.llx, box.lly, box.urx, box.ury),  # type: ignore[arg-type]
+            ),
+        )
+        out = pdf_signer.sign_pdf(
+            IncrementalPdfFileWriter(BytesIO(document)),
+            appearance_text_params={"url": f"{BASE_URL}/verify/{serial}", "serial": serial},
+        )
+        return bytes(out.getvalue())
+
+    return stamp
+
+
+def pdfsig_verdict(pdf: bytes) -> str:
+    tool = shutil.which("pdfsig")
+    if tool is None:
+        return "pdfsig not installed"
+    with tempfile.NamedTemporaryFile(suffix=".pdf") as file:
+        file.write(pdf)
+        file.flush()
+        report = subprocess.run([tool, file.name], capture_output=True, text=True).stdout
+    valid = "Signature is Valid." in report and "Total document signed" in report
+    return "valid, total document signed" if valid else "NOT VALID:\n" + report
+
+
+def signer_part(
+    document: bytes, keys: SigningKeyPaths, seconds: float, rounds: int, tsa: bool
+) -> None:
+    ours, theirs = our_signer(keys, document), documented_pyhanko(keys, document)
+    for stamp in (ours, theirs):  # warm-up: imports, caches, the reused CMS container
+        for number in range(3):
+            stamp(number)
+    print(f"\nSigning in one process: {len(document) / 1000:,.0f} KB, RSA-2048, visible QR stamp")
+    print("  stamps/s by the wall clock, and [per second of this process's CPU time]")
+    mine_all, theirs_all = [], []
+    serial = 10
+    for round_number in range(1, rounds + 1):
+        mine = timed(ours, seconds, 20, serial)
+        serial += mine.stamps
+        documented = timed(theirs, seconds, 5, serial)
+        serial += documented.stamps
+        mine_all.append(mine)
+        theirs_all.append(documented)
+        print(
+            f"  round {round_number}: StampSigner {mine.per_second:6.1f}"
+            f" [{mine.per_cpu_second:6.1f}] ({1000 / mine.per_second:5.2f} ms)"
+            f"   pyHanko as documented {documented.per_second:5.1f}"
+            f" [{documented.per_cpu_second:5.1f}] ({1000 / documented.per_second:6.1f} ms)"
+            f"   x{mine.per_second / documented.per_second:.1f}"
+            f" [x{mine.per_cpu_second / documented.per_cpu_second:.1f}]"
+        )
+    wall = statistics.median(rate.per_second for rate in mine_all)
+    cpu = statistics.median(rate.per_cpu_second for rate in mine_all)
+    ratio = statistics.median(
+        m.per_second / t.per_second for m, t in zip(mine_all, theirs_all, strict=True)
+    )
+    cpu_ratio = statistics.median(
+        m.per_cpu_second / t.per_cpu_second for m, t in zip(mine_all, theirs_all, strict=True)
+    )
+    print(
+        f"  median:  StampSigner {wall:.1f} [{cpu:.1f}] stamps/s (goal >= 150),"
+        f" x{ratio:.1f} [x{cpu_ratio:.1f}] pyHanko's (goal >= 15)"
+    )
+    print(f"  pdfsig on our output: {pdfsig_verdict(ours(serial))}")
+    if tsa:
+        from tests.tsa import local_tsa
+
+        with local_tsa() as authority:
+            timestamped = our_signer(keys, document, tsa_url=authority.url)
+            for number in range(3):
+                timestamped(serial + number)
+            rate = timed(timestamped, seconds, 10, serial + 3)
+        print(
+            f"  PAdES B-T, local TSA in this process: {rate.per_second:6.1f} stamps/s"
+            f" ({1000 / rate.per_second:5.2f} ms; the TSA's own work included)"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("signer", "stack", "both"), default="both")
+    parser.add_argument("--seconds", type=float, default=2.0, help="per round and signer")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--jobs", type=int, default=400, help="uploads per stack run")
+    parser.add_argument("--repeat", type=int, default=1, help="stack runs (1 and 2 workers)")
+    parser.add_argument("--tsa", action="store_true", help="also PAdES B-T with a local TSA")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the stack, e.g. METERAI_STAMPING_WORKER_CONCURRENCY=4",
+    )
+    args = parser.parse_args()
+
+    document = reference_document()
+    print(f"reference document: {len(document):,} bytes")
+    with tempfile.TemporaryDirectory() as scratch:
+        keys = create_development_keys(Path(scratch))
+        if args.part in ("signer", "both"):
+            signer_part(document, keys, args.seconds, args.rounds, args.tsa)
+    if args.part in ("stack", "both"):
+        settings = dict(item.split("=", 1) for item in args.set)
+        stack_part(document, args.jobs, settings, args.repeat)
+
+
+if __name__ == "__main__":
+    main()
