@@ -205,6 +205,7 @@ class Stack:
             "METERAI_GATEWAY_QUEUE_URL": f"http://{host}:{ports.queue}",
             "METERAI_GATEWAY_STAMPING_URL": f"http://{host}:{ports.stamping}",
             "METERAI_GATEWAY_OPS_TOKEN": secrets_["ops_token"],
+            "METERAI_GATEWAY_REDIS_URL": endpoints.redis,
             "METERAI_INVENTORY_DATABASE_URL": database_url(
                 endpoints.postgres_server, DATABASES["inventory"]
             ),

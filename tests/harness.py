@@ -268,22 +268,28 @@ class ServiceStack:
         )
         for _ in range(workers):
             await self.add_worker()
-        gateway = create_gateway(
-            GatewaySettings(
-                **{
-                    **self.common(),
-                    "inventory_url": self.servers["inventory"].url,
-                    "queue_url": self.servers["queue"].url,
-                    "stamping_url": self.servers["stamping"].url,
-                    "ops_token": OPS_TOKEN,
-                    "event": self.event,
-                    "admission_secret": ADMISSION_SECRET,
-                    **self.overrides.get("gateway", {}),
-                }
-            )
-        )
+        gateway = create_gateway(self.gateway_settings())
         self.servers["gateway"] = Served(gateway, gateway_port)
         await self.servers["gateway"].start()
+
+    def gateway_settings(self, **overrides: Any) -> GatewaySettings:
+        """The gateway's settings (another replica built from them shares its Redis buckets)."""
+        return GatewaySettings(
+            **{
+                **self.common(),
+                "inventory_url": self.servers["inventory"].url,
+                "queue_url": self.servers["queue"].url,
+                "stamping_url": self.servers["stamping"].url,
+                "ops_token": OPS_TOKEN,
+                "event": self.event,
+                "admission_secret": ADMISSION_SECRET,
+                "redis_url": self.infra.redis.url(),
+                # Every test from 127.0.0.1 would otherwise share the public buckets.
+                "rate_limit_key_prefix": f"rl:{self.suffix}",
+                **self.overrides.get("gateway", {}),
+                **overrides,
+            }
+        )
 
     async def _serve(self, name: str, app: FastAPI) -> None:
         served = Served(app)

@@ -13,9 +13,12 @@ from fastapi.responses import JSONResponse
 
 from services.gateway import openapi
 from services.gateway.auth import DistributorAuthenticator
+from services.gateway.breaker import CircuitBreaker
 from services.gateway.config import GatewaySettings
-from services.gateway.proxy import Forwarder, proxy_session
+from services.gateway.proxy import Forwarder, Guards, Limits, proxy_session
+from services.gateway.ratelimit import Policy, RateLimiter, create_redis
 from services.gateway.routes import ROUTES, Upstream
+from services.gateway.shedding import Budgets
 from services.platform.admission import AdmissionCodec
 from services.platform.app import create_service_app
 from services.platform.errors import ServiceUnavailable
@@ -61,12 +64,24 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         )
         app.state.admission_codec = AdmissionCodec(settings.admission_secret.get_secret_value())
         app.state.openapi_document = None
+        redis = None
+        app.state.rate_limiter = None
+        if settings.rate_limit_enabled:
+            redis = create_redis(
+                settings.redis_url, timeout=settings.rate_limit_redis_timeout_seconds
+            )
+            app.state.rate_limiter = RateLimiter(
+                redis,
+                prefix=settings.rate_limit_key_prefix,
+                pause_seconds=settings.rate_limit_pause_seconds,
+            )
         try:
             yield
         finally:
             await asyncio.gather(
                 *(session.close() for session in upstreams.values()),
                 *(client.aclose() for client in clients.values()),
+                *([redis.aclose()] if redis is not None else []),
             )
 
     app = create_service_app(
@@ -110,6 +125,35 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             return JSONResponse(merged)
         return JSONResponse(state.openapi_document)
 
+    budgets = Budgets(
+        per_upstream=settings.max_in_flight_per_upstream,
+        shares=settings.in_flight_share,
+        per_class=settings.max_in_flight_per_class,
+        retry_after=settings.shed_retry_after_seconds,
+    )
+    breakers = {
+        name: CircuitBreaker(
+            name.value,
+            failure_threshold=settings.breaker_failure_threshold,
+            open_seconds=settings.breaker_open_seconds,
+        )
+        for name in Upstream
+    }
+    limits = Limits(
+        distributor=Policy(
+            "distributor", settings.distributor_rate_per_second, settings.distributor_burst
+        ),
+        public=Policy("public", settings.public_rate_per_second, settings.public_burst),
+        trusted_proxy_hops=settings.trusted_proxy_hops,
+    )
+    app.state.budgets = budgets
+    app.state.breakers = breakers
     for route in ROUTES:
-        app.add_hot_route(route.method, route.path, Forwarder(route))
+        guards = Guards(
+            budget=budgets.get(route.upstream, route.route_class),
+            breaker=breakers[route.upstream],
+            cost=settings.route_class_weights.get(route.route_class.value, 1),
+            limits=limits,
+        )
+        app.add_hot_route(route.method, route.path, Forwarder(route, guards))
     return app

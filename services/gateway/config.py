@@ -36,6 +36,50 @@ class GatewaySettings(ServiceSettings):
     upstream_timeout_seconds: float = 30.0
     max_body_bytes: int = 21 * 1024 * 1024
 
+    # Rate limits: token buckets in Redis, shared by every gateway replica. If Redis cannot be
+    # reached, requests pass (availability over strictness) and
+    # meterai_gateway_rate_limit_fail_open_total counts them.
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        validation_alias=per_service("GATEWAY", "REDIS_URL"),
+    )
+    rate_limit_enabled: bool = True
+    rate_limit_key_prefix: str = "meterai:gateway:rl"
+    # A distributor's default contract: tokens per second and bucket size (the burst).
+    distributor_rate_per_second: float = 200.0
+    distributor_burst: int = 400
+    # Public routes (waiting room, verification, payment callback), per client address; generous,
+    # since a whole office behind one NAT shares an address.
+    public_rate_per_second: float = 200.0
+    public_burst: int = 1_000
+    # Tokens one request of each route class takes (uploads cost the backend most).
+    route_class_weights: dict[str, int] = {"read": 1, "room": 1, "write": 1, "upload": 5}
+    # How many proxies in front of the gateway append to X-Forwarded-For (0: use the peer).
+    trusted_proxy_hops: int = 0
+    # Seconds a Redis call may take before the request passes unlimited, and how long the
+    # gateway then stops asking Redis (so a dead Redis costs no latency per request).
+    rate_limit_redis_timeout_seconds: float = 0.25
+    rate_limit_pause_seconds: float = 1.0
+
+    # Load shedding: requests in flight to one upstream. A route class may use only its share
+    # of that budget (cheap reads the whole of it, so they are shed last) and at most its own
+    # budget; beyond either, an immediate 503 `overloaded` with Retry-After.
+    max_in_flight_per_upstream: int = 512
+    in_flight_share: dict[str, float] = {"read": 1.0, "room": 1.0, "write": 0.8, "upload": 0.6}
+    max_in_flight_per_class: dict[str, int] = {
+        "read": 512,
+        "room": 512,
+        "write": 384,
+        "upload": 64,
+    }
+    shed_retry_after_seconds: int = 1
+
+    # Circuit breaker per upstream: this many consecutive connection failures or timeouts open
+    # it; while open, requests fail at once (503 `upstream_unavailable`); after
+    # `breaker_open_seconds` one probe at a time is let through (half-open).
+    breaker_failure_threshold: int = 5
+    breaker_open_seconds: float = 5.0
+
     def secrets(self) -> dict[str, str]:
         return {
             **super().secrets(),

@@ -1,9 +1,16 @@
 """Forwarding to the services: bodies stream through in both directions, the edge's request id
-and the caller's principal go along, and an unreachable service is an honest 503."""
+and the caller's principal go along, and an unreachable service is an honest 503.
+
+Before a request is forwarded it passes, in order: authentication, the caller's rate limit (one
+Redis round trip, distributors and public routes only), the in-flight budget of its upstream and
+route class, and the upstream's circuit breaker. Only GET and HEAD are retried, once, and only
+when the connection failed (never after a timeout, never a POST).
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import aiohttp
 import structlog
@@ -13,7 +20,10 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from services.gateway.auth import MissingCredentials, bearer_token, check_ops_token
+from services.gateway.breaker import CircuitBreaker
+from services.gateway.ratelimit import Policy, RateLimited, RateLimiter
 from services.gateway.routes import Access, Route
+from services.gateway.shedding import ClassBudget
 from services.platform.admission import ADMISSION_COOKIE, ADMISSION_HEADER, AdmissionCodec
 from services.platform.errors import MeteraiError, ServiceUnavailable
 from services.platform.identity import PRINCIPAL_HEADER, Principal, PrincipalKind
@@ -100,17 +110,63 @@ async def authenticate(request: Request, route: Route) -> Principal | None:
     raise MissingCredentials("Send your API key as `Authorization: Bearer <api key>`.")
 
 
+@dataclass(frozen=True)
+class Limits:
+    """The rate-limit policies of one gateway (None: that kind of caller is not limited)."""
+
+    distributor: Policy | None
+    public: Policy | None
+    trusted_proxy_hops: int = 0
+
+
+def client_address(request: Request, trusted_hops: int) -> str:
+    """The caller's address: the peer, or the one `trusted_hops` proxies saw (X-Forwarded-For)."""
+    peer = request.client.host if request.client else "unknown"
+    if trusted_hops <= 0:
+        return peer
+    forwarded = request.headers.get("x-forwarded-for")
+    if not forwarded:
+        return peer
+    hops = [hop.strip() for hop in forwarded.split(",")]
+    return hops[-trusted_hops] if len(hops) >= trusted_hops else hops[0]
+
+
+@dataclass(frozen=True)
+class Guards:
+    """What protects one route's upstream: its budget, its breaker, its rate-limit weight."""
+
+    budget: ClassBudget
+    breaker: CircuitBreaker
+    cost: int
+    limits: Limits
+
+
+_IDEMPOTENT = frozenset({"GET", "HEAD"})
+
+
 class Forwarder:
     """The ASGI endpoint forwarding one route of the table to its upstream service."""
 
-    def __init__(self, route: Route) -> None:
+    def __init__(self, route: Route, guards: Guards) -> None:
         self.route = route
+        self.guards = guards
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = await self.forward(Request(scope, receive))
-        await response(scope, receive, send)
+        request = Request(scope, receive)
+        principal, rate_headers = await self.admit(request)
+        budget = self.guards.budget
+        budget.acquire()
+        try:
+            response = await self.forward(request, principal)
+            if rate_headers:
+                response.raw_headers.extend(rate_headers)
+            await response(scope, receive, send)
+        finally:
+            budget.release()
 
-    async def forward(self, request: Request) -> Response:
+    async def admit(self, request: Request) -> tuple[Principal | None, list[tuple[bytes, bytes]]]:
+        """Size check, authentication and the caller's rate limit; the principal and the
+        RateLimit headers for the response."""
         route = self.route
         state = request.app.state
         declared = request.headers.get("content-length", "")
@@ -120,6 +176,30 @@ class Forwarder:
         if declared.isdigit() and int(declared) > limit:
             raise PayloadTooLarge(f"Requests are limited to {limit:,} bytes.")
         principal = await authenticate(request, route)
+        limiter: RateLimiter | None = state.rate_limiter
+        if limiter is None:
+            return principal, []
+        limits = self.guards.limits
+        if principal is not None and principal.kind is PrincipalKind.distributor:
+            policy, subject = limits.distributor, principal.subject
+        elif route.access is Access.public:
+            policy = limits.public
+            subject = client_address(request, limits.trusted_proxy_hops)
+        else:
+            # Applicants are paced by the waiting room; operators are not limited.
+            return principal, []
+        if policy is None:
+            return principal, []
+        decision = await limiter.take(policy, subject, self.guards.cost)
+        if decision is None:
+            return principal, []
+        if not decision.allowed:
+            raise RateLimited(decision)
+        return principal, decision.headers()
+
+    async def forward(self, request: Request, principal: Principal | None) -> Response:
+        route = self.route
+        state = request.app.state
         headers = [
             (name, value)
             for name, value in request.headers.items()
@@ -134,31 +214,57 @@ class Forwarder:
             ("x-forwarded-for", f"{forwarded}, {client_host}" if forwarded else client_host)
         )
         session: aiohttp.ClientSession = state.upstreams[route.upstream]
+        breaker = self.guards.breaker
+        breaker.before_request()
+        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        retries = 1 if request.method in _IDEMPOTENT else 0
         try:
-            body = await _request_body(request, declared)
-            upstream = await session.request(
-                request.method,
-                request.url.path + (f"?{request.url.query}" if request.url.query else ""),
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-            )
+            body = await _request_body(request, request.headers.get("content-length", ""))
+            while True:
+                try:
+                    upstream = await session.request(
+                        request.method, path, headers=headers, data=body, allow_redirects=False
+                    )
+                    break
+                except TimeoutError:
+                    raise
+                except aiohttp.ClientConnectionError as exc:
+                    # A pooled connection the service had closed, or a refused connect: safe
+                    # to try once more for a GET (nothing was done), never for a POST.
+                    if retries <= 0:
+                        raise
+                    retries -= 1
+                    log.info("upstream_retry", upstream=route.upstream.value, error=repr(exc))
         except ClientDisconnect:
             # The caller hung up while its body was still streaming in: nobody to answer.
+            breaker.abandoned()
             log.info("client_disconnected", upstream=route.upstream.value)
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         except TimeoutError as exc:
+            breaker.failed()
             log.warning("upstream_timeout", upstream=route.upstream.value, error=repr(exc))
             raise ServiceUnavailable(
                 f"The {route.upstream.value} service did not answer in time; try again.",
                 retry_after=5,
             ) from exc
-        except aiohttp.ClientError as exc:
+        except aiohttp.ClientConnectionError as exc:
+            breaker.failed()
             log.warning("upstream_unreachable", upstream=route.upstream.value, error=repr(exc))
             raise ServiceUnavailable(
                 f"The {route.upstream.value} service is unavailable; try again shortly.",
                 retry_after=5,
             ) from exc
+        except aiohttp.ClientError as exc:
+            breaker.abandoned()
+            log.warning("upstream_error", upstream=route.upstream.value, error=repr(exc))
+            raise ServiceUnavailable(
+                f"The {route.upstream.value} service is unavailable; try again shortly.",
+                retry_after=5,
+            ) from exc
+        except BaseException:
+            breaker.abandoned()
+            raise
+        breaker.succeeded()
         # Raw pairs keep repeated headers (Set-Cookie) and the upstream's Content-Length,
         # which stays right because the body is passed on undecoded.
         raw_headers = [

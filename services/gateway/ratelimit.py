@@ -1,0 +1,157 @@
+"""Rate limits shared by every gateway replica: one token bucket per distributor (and one per
+client address on public routes) kept in Redis, taken from in one round trip.
+
+The bucket is GCRA (the "generic cell rate algorithm"): Redis keeps a single timestamp per key,
+the theoretical arrival time, so a bucket costs one small string that expires once it is full
+again. The `limits` library offers fixed and sliding windows but no token bucket, hence this
+short script; redis-py runs it with EVALSHA (one round trip, atomic across replicas).
+
+If Redis is unreachable or slow, requests pass unlimited (availability over strictness during a
+deadline surge), counted by `meterai_gateway_rate_limit_fail_open_total`, and Redis is left
+alone for a short pause so that a dead Redis adds no latency per request.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+import structlog
+from prometheus_client import Counter
+
+from services.platform.errors import MeteraiError
+
+log = structlog.get_logger(__name__)
+
+RATE_LIMITED = Counter(
+    "meterai_gateway_rate_limited_total", "Requests refused by a rate limit (429)", ["policy"]
+)
+FAIL_OPEN = Counter(
+    "meterai_gateway_rate_limit_fail_open_total",
+    "Requests let through unlimited because Redis could not be asked",
+)
+
+# KEYS[1]: the bucket; ARGV: milliseconds per token, bucket size, tokens this request takes.
+# Returns {allowed, remaining tokens, ms until the bucket is full, ms until this cost fits}.
+_GCRA = """
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+local clock = redis.call('TIME')
+local now = clock[1] * 1000 + clock[2] / 1000
+local tolerance = interval * burst
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + interval * cost
+local wait = new_tat - tolerance - now
+if wait > 0 then
+  return {0, math.floor((tolerance - (tat - now)) / interval), math.ceil(tat - now),
+          math.ceil(wait)}
+end
+redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now) + 1)
+return {1, math.floor((tolerance - (new_tat - now)) / interval), math.ceil(new_tat - now), 0}
+"""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A bucket shape: `rate` tokens per second, at most `burst` tokens saved up."""
+
+    name: str
+    rate: float
+    burst: int
+
+    @property
+    def header(self) -> str:
+        """`RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers): quota and its window."""
+        window = max(1, math.ceil(self.burst / self.rate))
+        return f'"{self.name}";q={self.burst};w={window}'
+
+
+@dataclass(frozen=True)
+class Decision:
+    policy: Policy
+    allowed: bool
+    remaining: int
+    reset_seconds: int
+    retry_after_seconds: int
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """`RateLimit-Policy` and `RateLimit` for the response."""
+        return [
+            (b"ratelimit-policy", self.policy.header.encode()),
+            (
+                b"ratelimit",
+                f'"{self.policy.name}";r={self.remaining};t={self.reset_seconds}'.encode(),
+            ),
+        ]
+
+
+class RateLimited(MeteraiError):
+    status = 429
+    code = "rate_limited"
+    title = "Too many requests"
+
+    def __init__(self, decision: Decision) -> None:
+        headers = {name.decode(): value.decode() for name, value in decision.headers()}
+        headers["Retry-After"] = str(decision.retry_after_seconds)
+        super().__init__(
+            f"Over the {decision.policy.name} rate limit of {decision.policy.rate:g} requests "
+            f"per second (bursts of {decision.policy.burst}); retry after "
+            f"{decision.retry_after_seconds} s.",
+            headers=headers,
+        )
+
+
+class RateLimiter:
+    """Token buckets in Redis; `take` is one EVALSHA."""
+
+    def __init__(self, redis: aioredis.Redis, *, prefix: str, pause_seconds: float) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.pause_seconds = pause_seconds
+        self._script = redis.register_script(_GCRA)
+        self._paused_until = 0.0
+
+    async def take(self, policy: Policy, subject: str, cost: int) -> Decision | None:
+        """Take `cost` tokens from `subject`'s bucket; None when Redis could not be asked."""
+        if self._paused_until and time.monotonic() < self._paused_until:
+            FAIL_OPEN.inc()
+            return None
+        cost = min(cost, policy.burst)  # a request larger than the bucket could never pass
+        try:
+            allowed, remaining, reset_ms, wait_ms = await self._script(
+                keys=[f"{self.prefix}:{policy.name}:{subject}"],
+                args=[1000.0 / policy.rate, policy.burst, cost],
+            )
+        except (aioredis.RedisError, OSError, TimeoutError) as exc:
+            self._paused_until = time.monotonic() + self.pause_seconds
+            FAIL_OPEN.inc()
+            log.warning("rate_limit_fail_open", error=repr(exc), pause=self.pause_seconds)
+            return None
+        self._paused_until = 0.0
+        decision = Decision(
+            policy=policy,
+            allowed=bool(allowed),
+            remaining=max(0, int(remaining)),
+            reset_seconds=math.ceil(int(reset_ms) / 1000),
+            retry_after_seconds=max(1, math.ceil(int(wait_ms) / 1000)),
+        )
+        if not decision.allowed:
+            RATE_LIMITED.labels(policy.name).inc()
+        return decision
+
+
+def create_redis(url: str, *, timeout: float) -> aioredis.Redis:
+    """A Redis client for the limits: short timeouts (a slow Redis must not slow requests) and a
+    bounded pool."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=64,
+        timeout=timeout,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+    )
+    return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes its connections
