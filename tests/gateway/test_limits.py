@@ -1,0 +1,130 @@
+"""Rate limits shared by gateway replicas, fail-open without Redis, the circuit breaker, and
+which route classes are shed first."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+from prometheus_client import REGISTRY
+
+from services.gateway.app import create_app as create_gateway
+from services.gateway.routes import RouteClass, Upstream
+from services.gateway.shedding import Budgets, Overloaded
+from services.platform.embedded import free_port
+from tests.harness import Served, ServiceStack
+
+RATE, BURST = 2.0, 10
+
+
+@pytest.mark.settings(gateway={"distributor_rate_per_second": RATE, "distributor_burst": BURST})
+async def test_rate_limits_hold_across_two_gateways(stack: ServiceStack) -> None:
+    api_key = await stack.create_distributor()
+    second = Served(create_gateway(stack.gateway_settings()))
+    await second.start()
+    try:
+        headers = {"Authorization": f"Bearer {api_key}"}
+        async with (
+            httpx.AsyncClient(base_url=stack.gateway_url, headers=headers) as one,
+            httpx.AsyncClient(base_url=second.url, headers=headers) as two,
+        ):
+            started = time.monotonic()
+            responses = await asyncio.gather(
+                *(client.get("/api/v1/balance") for _ in range(20) for client in (one, two))
+            )
+            elapsed = time.monotonic() - started
+    finally:
+        await second.stop()
+    passed = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code == 429]
+    assert len(passed) + len(refused) == len(responses)
+    # Both replicas drew from one bucket: the burst, plus what refilled meanwhile.
+    assert BURST <= len(passed) <= BURST + RATE * elapsed + 1, (len(passed), elapsed)
+    ok = passed[0]
+    assert ok.headers["ratelimit-policy"] == f'"distributor";q={BURST};w=5'
+    assert ok.headers["ratelimit"].startswith('"distributor";r=')
+    for response in refused:
+        assert response.headers["content-type"].startswith("application/problem+json")
+        assert response.json()["code"] == "rate_limited"
+        assert int(response.headers["retry-after"]) >= 1
+        assert response.headers["ratelimit"].startswith('"distributor";r=0;t=')
+        assert "ratelimit-policy" in response.headers
+
+
+def _sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_without_redis_requests_pass(stack: ServiceStack) -> None:
+    api_key = await stack.create_distributor()
+    dead_redis = f"redis://127.0.0.1:{free_port()}/0"
+    gateway = Served(create_gateway(stack.gateway_settings(redis_url=dead_redis)))
+    await gateway.start()
+    before = _sample("meterai_gateway_rate_limit_fail_open_total")
+    try:
+        async with httpx.AsyncClient(
+            base_url=gateway.url, headers={"Authorization": f"Bearer {api_key}"}
+        ) as client:
+            responses = [await client.get("/api/v1/balance") for _ in range(5)]
+    finally:
+        await gateway.stop()
+    assert [r.status_code for r in responses] == [200] * 5
+    assert "ratelimit" not in responses[0].headers
+    assert _sample("meterai_gateway_rate_limit_fail_open_total") - before == 5
+
+
+async def test_breaker_opens_on_a_dead_upstream_and_probes_again(stack: ServiceStack) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    settings = stack.gateway_settings(
+        stamping_url=dead, breaker_failure_threshold=3, breaker_open_seconds=0.5
+    )
+    gateway = Served(create_gateway(settings))
+    await gateway.start()
+    try:
+        async with httpx.AsyncClient(base_url=gateway.url) as client:
+            codes = []
+            for _ in range(5):
+                response = await client.get("/verify/AAAAAAAAAAAAAAAAAAAAAA")
+                assert response.status_code == 503
+                assert int(response.headers["retry-after"]) >= 1
+                codes.append(response.json()["code"])
+            assert codes == ["unavailable"] * 3 + ["upstream_unavailable"] * 2
+            await asyncio.sleep(0.6)
+            # Half-open: one probe reaches for the upstream (still dead), which reopens it.
+            probe = await client.get("/verify/AAAAAAAAAAAAAAAAAAAAAA")
+            assert probe.json()["code"] == "unavailable"
+            after = await client.get("/verify/AAAAAAAAAAAAAAAAAAAAAA")
+            assert after.json()["code"] == "upstream_unavailable"
+    finally:
+        await gateway.stop()
+
+
+def test_uploads_are_shed_before_reads() -> None:
+    budgets = Budgets(
+        per_upstream=10,
+        shares={"read": 1.0, "write": 0.8, "upload": 0.5},
+        per_class={"read": 10, "write": 10, "upload": 3},
+        retry_after=1,
+    )
+    upload = budgets.get(Upstream.stamping, RouteClass.upload)
+    read = budgets.get(Upstream.stamping, RouteClass.read)
+    for _ in range(3):
+        upload.acquire()
+    with pytest.raises(Overloaded):
+        upload.acquire()  # its own budget
+    for _ in range(3):
+        read.acquire()
+    upload.release()
+    with pytest.raises(Overloaded):
+        upload.acquire()  # half of the upstream's budget is in use: uploads wait
+    for _ in range(5):
+        read.acquire()  # reads may fill the upstream's whole budget
+    with pytest.raises(Overloaded) as refused:
+        read.acquire()
+    assert refused.value.code == "overloaded"
+    assert refused.value.headers["Retry-After"] == "1"
+    assert (
+        _sample("meterai_gateway_upstream_in_flight", upstream="stamping", route_class="read") == 8
+    )
