@@ -37,6 +37,7 @@ from services.platform.embedded import (
 )
 from services.platform.kafka import TopicSpec, ensure_topics
 from services.platform.migrations import upgrade
+from services.platform.serve import KEEP_ALIVE_SECONDS
 from services.platform.supervisor import Supervisor
 from services.queue.app import create_app as create_queue
 from services.queue.config import QueueSettings
@@ -129,7 +130,14 @@ class Served:
         self.app = app
         self.port = port or free_port()
         self.server = _InProcessServer(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None, lifespan="on")
+            uvicorn.Config(
+                app,
+                host="127.0.0.1",
+                port=self.port,
+                log_config=None,
+                lifespan="on",
+                timeout_keep_alive=KEEP_ALIVE_SECONDS,  # as services.platform.serve runs them
+            )
         )
         self.task: asyncio.Task[None] | None = None
 

@@ -298,7 +298,9 @@ def proxy_session(base_url: str, *, timeout: float) -> aiohttp.ClientSession:
         # sock_connect, not connect: the latter also counts the wait for a free pooled
         # connection, which under a surge is queueing, not an unreachable upstream.
         timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=2),
-        connector=aiohttp.TCPConnector(limit=256, limit_per_host=256),
+        # Idle connections are dropped here before the services drop them (they keep theirs
+        # for 75 s): reusing one the server is closing fails the request mid-surge.
+        connector=aiohttp.TCPConnector(limit=256, limit_per_host=256, keepalive_timeout=30),
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
         skip_auto_headers=("User-Agent", "Accept-Encoding"),

@@ -9,6 +9,8 @@ import argparse
 
 import uvicorn
 
+KEEP_ALIVE_SECONDS = 75
+
 
 def main(argv: list[str] | None = None) -> None:
     """Serve the app built by the given factory until SIGTERM or SIGINT."""
@@ -29,6 +31,9 @@ def main(argv: list[str] | None = None) -> None:
         access_log=False,
         server_header=False,
         timeout_graceful_shutdown=int(args.graceful_seconds),
+        # Longer than any client's idle keep-alive (the gateway's is 30 s): the side that closes
+        # idle connections must be the client, or a request can race the server's close.
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
     )
 
 
