@@ -71,14 +71,13 @@ async def expositions(shared_stack: ServiceStack) -> dict[str, str]:
             }
             # The waiting room's tick, its look at stamping's backlog and the consumers' lag
             # are periodic: wait until each has happened once.
-            joined = "\n".join(texts.values())
-            needed = (
-                "meterai_queue_length ",
-                "meterai_stamping_backlog_jobs ",
-                f'group="signers-{stack.suffix}"',
-                f'group="inventory-{stack.suffix}"',
-            )
-            return texts if all(text in joined for text in needed) else None
+            needed = {
+                "queue": "meterai_queue_length ",
+                "stamping": "meterai_stamping_backlog_jobs ",
+                "worker-0": f'group="signers-{stack.suffix}"',
+                "inventory": f'group="inventory-{stack.suffix}"',
+            }
+            return texts if all(text in texts[name] for name, text in needed.items()) else None
 
         result: dict[str, str] = await wait_for(all_set, within=30)
     return result
@@ -147,11 +146,11 @@ async def test_the_waiting_room_the_backlog_the_lag_and_signing(
         assert name in queue, name
     assert "meterai_stamping_backlog_jobs" in samples(expositions["stamping"])
     # Lag of both consumer groups of the stack, per topic and partition.
-    lag = samples(expositions["stamping"])["meterai_kafka_consumer_lag_messages"]
-    for group, topic in (
-        (f"signers-{stack.suffix}", f"stamping.requests.{stack.suffix}"),
-        (f"inventory-{stack.suffix}", f"stamping.results.{stack.suffix}"),
+    for server, group, topic in (
+        ("worker-0", f"signers-{stack.suffix}", f"stamping.requests.{stack.suffix}"),
+        ("inventory", f"inventory-{stack.suffix}", f"stamping.results.{stack.suffix}"),
     ):
+        lag = samples(expositions[server])["meterai_kafka_consumer_lag_messages"]
         assert any(
             f'group="{group}"' in labels and f'topic="{topic}"' in labels and "partition=" in labels
             for labels in lag
