@@ -20,8 +20,16 @@ from aiokafka.errors import (
     KafkaError,
     TopicAlreadyExistsError,
 )
+from prometheus_client import Gauge
 
 log = structlog.get_logger(__name__)
+
+CONSUMER_LAG = Gauge(
+    "meterai_kafka_consumer_lag_messages",
+    "Messages on a partition not yet fetched by its consumer (high watermark minus position), "
+    "updated after every batch",
+    ["group", "topic", "partition"],
+)
 
 MessageHandler = Callable[[ConsumerRecord[bytes, bytes]], Awaitable[None]]
 
@@ -168,7 +176,10 @@ class ConsumerLoop:
             client_id=client_id,
             **{**options, **(consumer_options or {})},
         )
+        self.group_id = group_id
         self._processed: dict[TopicPartition, int] = {}
+        # Next offset to fetch per partition, as far as this loop has seen (for the lag gauge).
+        self._position: dict[TopicPartition, int] = {}
         self._stopping = asyncio.Event()
         self._semaphore = asyncio.Semaphore(concurrency)
         self._task: asyncio.Task[None] | None = None
@@ -219,6 +230,7 @@ class ConsumerLoop:
                     await asyncio.gather(fetch, return_exceptions=True)
                     break
                 batches = fetch.result()
+                self._record_lag(batches)
                 if not batches:
                     continue
                 failed = await self._process(batches, stopping)
@@ -231,6 +243,29 @@ class ConsumerLoop:
                 await self.commit_processed()
             finally:
                 await self._close()
+
+    def _record_lag(
+        self, batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+    ) -> None:
+        """Set the lag gauge of the assigned partitions from what the fetch responses said
+        (the high watermark comes with every fetch: no request to the broker here)."""
+        for tp, records in batches.items():
+            if records:
+                self._position[tp] = records[-1].offset + 1
+        assigned = self.consumer.assignment()
+        for tp in set(self._position) - assigned:
+            # Revoked: its new owner reports it now.
+            del self._position[tp]
+            with suppress(KeyError):
+                CONSUMER_LAG.remove(self.group_id, tp.topic, str(tp.partition))
+        for tp in assigned:
+            highwater = self.consumer.highwater(tp)
+            position = self._position.get(tp)
+            if highwater is None or position is None:
+                continue
+            CONSUMER_LAG.labels(self.group_id, tp.topic, str(tp.partition)).set(
+                max(0, highwater - position)
+            )
 
     async def _close(self) -> None:
         """Leave the group; if a join is still in flight, do not wait for the broker to answer.
@@ -290,6 +325,7 @@ class ConsumerLoop:
             self._processed[tp] = offset
             if tp in self.consumer.assignment():
                 self.consumer.seek(tp, offset)
+                self._position[tp] = offset
         return bool(first_failed)
 
     async def _handle(self, record: ConsumerRecord[bytes, bytes]) -> None:

@@ -316,7 +316,15 @@ async def _send_json(send: Send, body: dict[str, Any], cookies: list[str]) -> No
 # FastAPI routes: the same join and status (documented), and operations.
 
 
-@router.post("/queue/join", response_model=TicketStatus, summary="Take a place in the queue")
+@router.post(
+    "/queue/join",
+    response_model=TicketStatus,
+    summary="Take a place in the queue",
+    responses={
+        428: {"description": "`pow_required`: solve the challenge it carries, then join"},
+        429: {"description": "`join_limited`: too many joins from this address"},
+    },
+)
 async def join(
     request: Request,
     ticket: Annotated[str | None, Header(alias=TICKET_HEADER)] = None,
@@ -329,7 +337,15 @@ async def join(
     return _json_response(*await _join(request.app, request.scope))
 
 
-@router.get("/queue/status", response_model=TicketStatus, summary="Where you stand")
+@router.get(
+    "/queue/status",
+    response_model=TicketStatus,
+    summary="Where you stand",
+    responses={
+        404: {"description": "`no_ticket`: join the queue first"},
+        410: {"description": "`ticket_expired`: the ticket was not polled for too long"},
+    },
+)
 async def status(
     request: Request,
     ticket: Annotated[str | None, Header(alias=TICKET_HEADER)] = None,

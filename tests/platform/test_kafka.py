@@ -9,6 +9,7 @@ from typing import Any, TypeAlias
 import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from prometheus_client import REGISTRY
 
 from services.platform.kafka import (
     ConsumerLoop,
@@ -268,3 +269,37 @@ async def test_stopping_while_still_joining_the_group_returns_promptly(bootstrap
     # A stop that waited for the join would take as long as the broker holds the JoinGroup
     # request (about 3 s with the embedded broker, up to the rebalance timeout with Kafka).
     assert elapsed < 1.0, f"run() took {elapsed:.1f}s to return after request_stop()"
+
+
+async def test_consumer_lag_is_exported_per_partition_after_each_batch(bootstrap: str) -> None:
+    topic, group = unique("lag"), unique("group")
+    await ensure_topics(bootstrap, [TopicSpec(topic, 1)])
+    await produce(bootstrap, topic, [(0, f"m{index}".encode()) for index in range(6)])
+    release = asyncio.Event()
+    seen: list[Record] = []
+
+    async def slow_handler(record: Record) -> None:
+        seen.append(record)
+        await release.wait()
+
+    def lag() -> float | None:
+        return REGISTRY.get_sample_value(
+            "meterai_kafka_consumer_lag_messages",
+            {"group": group, "topic": topic, "partition": "0"},
+        )
+
+    # One message per batch, held by the handler: the first batch leaves five behind it.
+    loop = consumer_loop(bootstrap, topic, group, slow_handler, max_batch=1)
+    async with Running(loop):
+
+        async def first_batch_recorded() -> bool:
+            return bool(seen) and lag() is not None
+
+        await wait_for(first_batch_recorded, within=30, interval=0.05)
+        assert lag() == 5
+        release.set()
+
+        async def caught_up() -> bool:
+            return len(seen) >= 6 and lag() == 0
+
+        await wait_for(caught_up, within=30, interval=0.05)
