@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.middleware.cors import CORSMiddleware
 
 from services.gateway import openapi
 from services.gateway.auth import DistributorAuthenticator
@@ -20,7 +21,7 @@ from services.gateway.ratelimit import Policy, RateLimiter, create_redis
 from services.gateway.routes import ROUTES, Upstream
 from services.gateway.shedding import Budgets
 from services.platform.admission import AdmissionCodec
-from services.platform.app import create_service_app
+from services.platform.app import SecurityHeadersMiddleware, create_service_app
 from services.platform.errors import ServiceUnavailable
 from services.platform.http import ServiceClient, create_http_client
 from services.platform.identity import Principal, PrincipalKind
@@ -95,6 +96,16 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
+    app.add_edge_middleware(SecurityHeadersMiddleware, hsts_seconds=settings.hsts_seconds)
+    if settings.cors_allow_origins:
+        app.add_edge_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_allow_origins,
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"],
+            expose_headers=["Location", "Retry-After", "RateLimit", "RateLimit-Policy"],
+            max_age=600,
+        )
 
     @app.get("/healthz", include_in_schema=False)
     async def system_health(request: Request) -> JSONResponse:

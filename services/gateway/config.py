@@ -35,6 +35,10 @@ class GatewaySettings(ServiceSettings):
     auth_cache_seconds: float = 5.0
     upstream_timeout_seconds: float = 30.0
     max_body_bytes: int = 21 * 1024 * 1024
+    # Browsers on these origins (distributors' web apps) may call the API; empty: none.
+    cors_allow_origins: list[str] = Field(default_factory=list)
+    # Strict-Transport-Security max-age once the public URL is HTTPS (0: not sent).
+    hsts_seconds: int = 0
 
     # Rate limits: token buckets in Redis, shared by every gateway replica. If Redis cannot be
     # reached, requests pass (availability over strictness) and

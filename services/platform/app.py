@@ -58,6 +58,7 @@ class ServiceApp(FastAPI):
         self._hot_static: dict[tuple[str, str], HotRoute] = {}
         self._hot_templated: list[HotRoute] = []
         self._hot_lane = ObservabilityMiddleware(self._serve_hot, service=service)
+        self._edge: ASGIApp = self._dispatch
 
     def add_hot_route(self, method: str, path: str, endpoint: ASGIApp) -> None:
         """Serve `method path` (a Starlette path template) with the ASGI `endpoint`; path
@@ -90,7 +91,15 @@ class ServiceApp(FastAPI):
                 return candidate
         return None
 
+    def add_edge_middleware(self, middleware: Callable[..., ASGIApp], **options: Any) -> None:
+        """Wrap every request of both lanes (CORS, security headers); the last one added runs
+        first. Starlette's `add_middleware` would wrap only the FastAPI lane."""
+        self._edge = middleware(self._edge, **options)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._edge(scope, receive, send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and (route := self._match_hot(scope)) is not None:
             scope["app"] = self
             scope["route"] = route
@@ -154,6 +163,38 @@ async def read_json_body(request: Request, model: type[M]) -> M:
 
 
 _NOT_AN_OBJECT = "Input should be a valid dictionary or object to extract fields from"
+
+
+class SecurityHeadersMiddleware:
+    """Adds the usual defensive headers to every response that does not set its own
+    (the applicant's pages set a stricter Content-Security-Policy themselves)."""
+
+    def __init__(self, app: ASGIApp, *, hsts_seconds: int = 0) -> None:
+        self.app = app
+        self.headers = [
+            (b"x-content-type-options", b"nosniff"),
+            (b"x-frame-options", b"DENY"),
+            (b"referrer-policy", b"no-referrer"),
+            (b"cross-origin-opener-policy", b"same-origin"),
+        ]
+        if hsts_seconds > 0:
+            value = f"max-age={hsts_seconds}; includeSubDomains".encode()
+            self.headers.append((b"strict-transport-security", value))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                present = {name.lower() for name, _ in headers}
+                headers += [pair for pair in self.headers if pair[0] not in present]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 class _AsgiEndpoint:

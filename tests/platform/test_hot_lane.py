@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
-from services.platform.app import ServiceApp, read_json_body
+from services.platform.app import SecurityHeadersMiddleware, ServiceApp, read_json_body
 from services.platform.errors import Conflict
 from tests.platform.apps import asgi_client, assert_problem, service_app
 from tests.platform.test_observability import sample
@@ -150,3 +150,18 @@ async def test_read_json_body_fails_exactly_as_a_fastapi_body(
         assert actual.headers["content-type"] == expected.headers["content-type"]
     else:
         assert json.loads(actual.content) == json.loads(expected.content)
+
+
+async def test_edge_middleware_wraps_both_lanes() -> None:
+    app = service_app("hotlane_edge", [router])
+    app.add_hot_route("GET", "/items/{item_id}", hot_item)
+    app.add_edge_middleware(SecurityHeadersMiddleware, hsts_seconds=3600)
+    async with asgi_client(app) as client:
+        for response in (
+            await client.get("/items/abc"),  # lean lane
+            await client.get("/livez"),  # FastAPI lane
+            await client.get("/items/taken"),  # a problem
+        ):
+            assert response.headers["x-content-type-options"] == "nosniff"
+            assert response.headers["x-frame-options"] == "DENY"
+            assert response.headers["strict-transport-security"].startswith("max-age=3600")
