@@ -32,6 +32,10 @@ def create_app(settings: InventorySettings | None = None) -> FastAPI:
         )
         app.state.engine = engine
         app.state.sessionmaker = sessionmaker = create_sessionmaker(engine)
+        auth_engine = create_engine(
+            settings.database_url, pool_size=2, pool_timeout=settings.db_pool_timeout_seconds
+        )
+        app.state.auth_sessionmaker = create_sessionmaker(auth_engine)
         app.state.distributor_purchases = purchases = DistributorPurchases(
             engine,
             unit_price=settings.stamp_price_rupiah,
@@ -63,6 +67,7 @@ def create_app(settings: InventorySettings | None = None) -> FastAPI:
             await consumer.stop_background()
             await purchases.drain()
             await engine.dispose()
+            await auth_engine.dispose()
 
     app = create_service_app(
         service="inventory",

@@ -278,10 +278,13 @@ async def list_serials(
 
 @internal.post("/authenticate", response_model=AuthenticatedDistributor)
 async def authenticate(
-    body: AuthenticateIn, _: CallingService, session: SessionDep
+    body: AuthenticateIn, _: CallingService, request: Request
 ) -> AuthenticatedDistributor:
-    """The gateway asks who holds an API key (by its hash)."""
-    distributor = await repo.distributor_by_key_hash(session, body.key_hash)
+    """The gateway asks who holds an API key (by its hash). On its own small pool: under a
+    surge the main pool has a queue of purchases, and no purchase can start before its
+    buyer's key is known."""
+    async with transaction(request.app.state.auth_sessionmaker) as session:
+        distributor = await repo.distributor_by_key_hash(session, body.key_hash)
     if distributor is None:
         raise service.InvalidApiKey("Unknown or revoked API key.")
     return AuthenticatedDistributor(distributor_id=distributor.id, name=distributor.name)
