@@ -268,3 +268,34 @@ async def test_stopping_while_still_joining_the_group_returns_promptly(bootstrap
     # A stop that waited for the join would take as long as the broker holds the JoinGroup
     # request (about 3 s with the embedded broker, up to the rebalance timeout with Kafka).
     assert elapsed < 1.0, f"run() took {elapsed:.1f}s to return after request_stop()"
+
+
+async def test_stopping_finishes_what_runs_and_leaves_what_has_not_started(
+    bootstrap: str,
+) -> None:
+    topic, group = unique("drain"), unique("group")
+    partition = TopicPartition(topic, 0)
+    await ensure_topics(bootstrap, [TopicSpec(topic, 1)])
+    await produce(bootstrap, topic, [(0, f"m{index}".encode()) for index in range(6)])
+    started, release = asyncio.Event(), asyncio.Event()
+    handled: list[bytes] = []
+
+    async def handler(record: Record) -> None:
+        assert record.value is not None
+        started.set()
+        await release.wait()
+        handled.append(record.value)
+
+    # One at a time, and the whole backlog fetched in one batch: m0 runs, m1..m5 wait.
+    loop = consumer_loop(bootstrap, topic, group, handler, concurrency=1, max_batch=6)
+    async with Running(loop):
+        await asyncio.wait_for(started.wait(), timeout=30)
+        loop.request_stop()
+        await asyncio.sleep(0.2)
+        release.set()
+    # The message in flight finished and was committed; the others were not started and are
+    # left for the partition's next owner.
+    assert handled == [b"m0"]
+    assert await committed(bootstrap, group, [partition]) == [1]
+    remaining = await read_as_group(bootstrap, group, [partition])
+    assert [record.value for record in remaining] == [f"m{index}".encode() for index in range(1, 6)]
