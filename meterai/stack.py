@@ -17,12 +17,14 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
+from services.platform.db import create_engine, create_sessionmaker
 from services.platform.embedded import (
     EmbeddedKafka,
     EmbeddedPostgres,
@@ -34,8 +36,13 @@ from services.platform.migrations import upgrade
 from services.platform.supervisor import ProcessSpec, ReadyCheck, Supervisor
 from services.stamping.config import StampingSettings
 from services.stamping.keys import SigningKeyPaths, create_development_keys
+from services.stamping.relay import replay_after_broker_loss
 
 SERVICES_DIR = Path(__file__).resolve().parent.parent / "services"
+# Results published a little before the lost broker started may still have been waiting in it.
+BROKER_REPLAY_MARGIN = timedelta(minutes=1)
+# After a restart, the embedded broker is trusted again this much later (see _broker_ready).
+BROKER_SETTLE_SECONDS = 10.0
 DATABASES = {"inventory": "meterai_inventory", "stamping": "meterai_stamping"}
 STACK_FILE = "stack.json"
 
@@ -138,6 +145,9 @@ class Stack:
         self.ports = Ports.from_base(settings.base_port)
         self.supervisor = Supervisor(announce)
         self.logs = self.data_dir / "logs"
+        self._broker_started: datetime | None = None
+        self._stamping_database: str | None = None
+        self._replays: set[asyncio.Task[None]] = set()
 
     def _log(self, name: str) -> Path:
         return self.logs / f"{name}.log"
@@ -161,8 +171,9 @@ class Stack:
         if kafka is None:
             broker = EmbeddedKafka(self.ports.kafka, host)
             spec = broker.spec(self._log("kafka"))
-            # This broker forgets its topics when it restarts: recreate them every time.
-            spec.on_ready = lambda: self._create_topics(broker.bootstrap_servers)
+            # This broker forgets its topics and messages when it restarts: recreate the topics
+            # every time, and have stamping publish again what may have been lost.
+            spec.on_ready = lambda: self._broker_ready(broker.bootstrap_servers)
             specs.append(spec)
             kafka = broker.bootstrap_servers
         if specs:
@@ -176,6 +187,32 @@ class Stack:
         if settings.kafka_bootstrap_servers is not None:
             await self._create_topics(kafka)
         return Endpoints(postgres_server=postgres, redis=redis, kafka=kafka)
+
+    async def _broker_ready(self, bootstrap: str) -> None:
+        await self._create_topics(bootstrap)
+        previous, self._broker_started = self._broker_started, datetime.now(UTC)
+        if previous is None or self._stamping_database is None:
+            return  # first start: nothing was published to it yet
+        since = previous - BROKER_REPLAY_MARGIN
+        await self._replay(since, "kafka restarted empty")
+        # The embedded broker also drops some of what it acknowledges in its first seconds
+        # back (messages that clients sent before the topics existed again): once more, later.
+        replay = asyncio.create_task(self._replay_after(BROKER_SETTLE_SECONDS, since))
+        self._replays.add(replay)
+        replay.add_done_callback(self._replays.discard)
+
+    async def _replay_after(self, delay: float, since: datetime) -> None:
+        await asyncio.sleep(delay)
+        await self._replay(since, f"kafka restarted {delay:.0f} s ago")
+
+    async def _replay(self, since: datetime, why: str) -> None:
+        assert self._stamping_database is not None  # noqa: S101 - services started
+        try:
+            queued, results = await _replay_lost_messages(self._stamping_database, since)
+        except Exception as exc:  # noqa: BLE001 - the stack keeps running; say what to do
+            self.announce(f"could not republish what kafka lost ({exc!r}); restart the stack")
+            return
+        self.announce(f"{why}: {queued} queued jobs and {results} results published again")
 
     async def _create_topics(self, bootstrap: str) -> None:
         stamping = StampingSettings()
@@ -244,6 +281,7 @@ class Stack:
 
     async def start_services(self, endpoints: Endpoints) -> None:
         env = self.service_env(endpoints)
+        self._stamping_database = env["METERAI_STAMPING_DATABASE_URL"]
         keys = SigningKeyPaths.in_directory(self.data_dir / "keys")
         if not keys.exist() and "METERAI_STAMPING_SIGNING_KEY_PATH" not in os.environ:
             await asyncio.to_thread(create_development_keys, keys.directory)
@@ -315,7 +353,23 @@ class Stack:
 
     async def stop(self) -> None:
         (self.data_dir / STACK_FILE).unlink(missing_ok=True)
+        for replay in list(self._replays):
+            replay.cancel()
+        await asyncio.gather(*self._replays, return_exceptions=True)
         await self.supervisor.stop()
+
+
+async def _replay_lost_messages(database_url: str, finished_since: datetime) -> tuple[int, int]:
+    """Stamping's outbox gets again what an emptied broker may not have delivered."""
+    engine = create_engine(database_url, pool_size=1)
+    try:
+        return await replay_after_broker_loss(
+            create_sessionmaker(engine),
+            results_topic=StampingSettings().results_topic,
+            finished_since=finished_since,
+        )
+    finally:
+        await engine.dispose()
 
 
 def _http_ok(url: str) -> ReadyCheck:

@@ -121,6 +121,7 @@ class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
         await self.loop.commit_processed()
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        self.loop.new_assignment()
         log.info(
             "partitions_assigned",
             partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in assigned),
@@ -131,8 +132,9 @@ class ConsumerLoop:
     """Fetch batches, process each message (at most `concurrency` at once), then commit.
 
     Offsets are committed only for messages whose handler returned, so a crash at any point
-    leads to redelivery, never to loss. `stop()` stops fetching, lets in-flight messages finish
-    within `grace_seconds`, commits and closes the consumer.
+    leads to redelivery, never to loss. `request_stop()` stops fetching and starting messages
+    (fetched ones that have not started are left to the partition's next owner), lets in-flight
+    ones finish within `grace_seconds`, commits and closes the consumer.
     """
 
     def __init__(
@@ -180,6 +182,8 @@ class ConsumerLoop:
         self._processed: dict[TopicPartition, int] = {}
         # Next offset to fetch per partition, as far as this loop has seen (for the lag gauge).
         self._position: dict[TopicPartition, int] = {}
+        # Numbers the assignments; offsets processed under an earlier one are never committed.
+        self._assignment = 0
         self._stopping = asyncio.Event()
         self._semaphore = asyncio.Semaphore(concurrency)
         self._task: asyncio.Task[None] | None = None
@@ -233,9 +237,9 @@ class ConsumerLoop:
                 self._record_lag(batches)
                 if not batches:
                     continue
-                failed = await self._process(batches, stopping)
+                failed = await self._process(batches, stopping, self._assignment)
                 await self.commit_processed()
-                if failed:
+                if failed and not self._stopping.is_set():
                     await asyncio.sleep(self.retry_backoff_seconds)
         finally:
             stopping.cancel()
@@ -286,10 +290,12 @@ class ConsumerLoop:
         self,
         batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
         stopping: asyncio.Future[Any],
+        assignment: int,
     ) -> bool:
-        """Handle a fetched batch; returns True when some message must be fetched again."""
+        """Handle a batch fetched under assignment number `assignment`; returns True when some
+        message must be fetched again."""
         tasks = {
-            asyncio.create_task(self._handle(record)): record
+            asyncio.create_task(self._handle(record, assignment)): record
             for batch in batches.values()
             for record in batch
         }
@@ -308,9 +314,9 @@ class ConsumerLoop:
         for task, record in tasks.items():
             tp = TopicPartition(record.topic, record.partition)
             finished = task in done and not task.cancelled()
-            if finished and task.exception() is None:
+            if finished and task.exception() is None and task.result():
                 continue
-            if finished:
+            if finished and task.exception() is not None:
                 log.error(
                     "message_handler_failed",
                     topic=record.topic,
@@ -319,6 +325,8 @@ class ConsumerLoop:
                     error=repr(task.exception()),
                 )
             first_failed[tp] = min(first_failed.get(tp, record.offset), record.offset)
+        if assignment != self._assignment:
+            return False  # reassigned meanwhile: the new owners start from committed offsets
         for tp, offset in first_failed.items():
             # Commit no further than the first unfinished message and fetch it again; later
             # messages that did finish are redelivered too, which idempotent handlers absorb.
@@ -328,16 +336,46 @@ class ConsumerLoop:
                 self._position[tp] = offset
         return bool(first_failed)
 
-    async def _handle(self, record: ConsumerRecord[bytes, bytes]) -> None:
+    async def _handle(self, record: ConsumerRecord[bytes, bytes], assignment: int) -> bool:
+        """Handle one message; False if stopping began before its turn came (it is left
+        uncommitted, for the partition's next owner)."""
         async with self._semaphore:
+            if self._stopping.is_set():
+                return False
             # The handler owns retries and failure bookkeeping for bad messages; an exception
             # escaping it is an outage (database, storage) and the message must be retried.
             await self.handler(record)
-        tp = TopicPartition(record.topic, record.partition)
-        self._processed[tp] = max(self._processed.get(tp, -1), record.offset + 1)
+        if assignment == self._assignment:
+            tp = TopicPartition(record.topic, record.partition)
+            self._processed[tp] = max(self._processed.get(tp, -1), record.offset + 1)
+        return True
+
+    def new_assignment(self) -> None:
+        """A new assignment: offsets of messages fetched under the previous one are dropped,
+        not committed (their messages may be redelivered; handlers are idempotent). They may
+        belong to a log that is gone: after an in-memory broker restarted empty, committing
+        them would make the next owner of a partition skip the new log's first messages."""
+        self._assignment += 1
+        self._processed.clear()
+
+    def _member(self) -> bool:
+        # aiokafka has no public accessor: a coordinator that lost our membership (the group
+        # forgot us) is back at the "no generation" id until the group is joined again.
+        coordinator = self.consumer._coordinator
+        return coordinator is not None and coordinator.generation >= 0
 
     async def commit_processed(self) -> None:
-        """Commit `offset + 1` of every processed message for still-assigned partitions."""
+        """Commit `offset + 1` of every processed message for still-assigned partitions, if
+        this consumer is still a member of the group that assigned them.
+
+        Without a membership, brokers take a commit as one of a consumer outside any group;
+        after the embedded broker restarted empty, such a commit would record offsets of a
+        log that is gone, and the partition's next owner would skip the new log's first
+        messages. The offsets are dropped instead: their messages are delivered again.
+        """
+        if not self._member():
+            self._processed.clear()
+            return
         assigned = self.consumer.assignment()
         offsets = {tp: offset for tp, offset in self._processed.items() if tp in assigned}
         self._processed.clear()

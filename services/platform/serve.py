@@ -6,8 +6,12 @@
 from __future__ import annotations
 
 import argparse
+import signal
+from types import FrameType
 
 import uvicorn
+
+from services.platform.stopping import stop_requested
 
 KEEP_ALIVE_SECONDS = 75
 
@@ -22,7 +26,10 @@ def main(argv: list[str] | None = None) -> None:
         "--graceful-seconds", type=float, default=10.0, help="time to finish open requests"
     )
     args = parser.parse_args(argv)
-    uvicorn.run(
+    # uvicorn raises the stop signal again once it has shut down cleanly, so that the process
+    # dies of it (exit status 143); for process managers a clean stop on SIGTERM is a success.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    config = uvicorn.Config(
         args.factory,
         factory=True,
         host=args.host,
@@ -35,6 +42,19 @@ def main(argv: list[str] | None = None) -> None:
         # idle connections must be the client, or a request can race the server's close.
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
     )
+    _Server(config).run()
+
+
+class _Server(uvicorn.Server):
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Loops that take work (signing workers) stop taking it now, not at lifespan shutdown.
+        stop_requested()
+        super().handle_exit(sig, frame)
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    # Also what SIGTERM does before uvicorn installs its own handler: stop, right away.
+    raise SystemExit(0)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,7 @@ def create_app(settings: StampingSettings | None = None) -> FastAPI:
             requests_topic=settings.requests_topic,
             interval=settings.relay_interval_seconds,
             republish_after=settings.republish_after_seconds,
+            republish_max_interval=settings.republish_max_interval_seconds,
         )
         relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
         app.state.verifier = verifier = load_verifier(settings)

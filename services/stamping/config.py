@@ -39,9 +39,13 @@ class StampingSettings(ServiceSettings):
     db_pool_size: int = 20
 
     # Outbox relay: how often it looks for unsent messages, and when a job that has not
-    # finished is published again (the broker may have lost it).
+    # finished is published again (the broker may have lost it): `republish_after_seconds`
+    # after it was queued, then after ever longer waits (each as long as the job has waited
+    # since it was queued or last leased, at most `republish_max_interval_seconds`), so that a
+    # long backlog is not flooded with duplicates. A leased job is due when its lease ends.
     relay_interval_seconds: float = 0.05
     republish_after_seconds: float = 30.0
+    republish_max_interval_seconds: float = 300.0
 
     # Signing workers.
     signing_key_path: Path = Path("keys/signer-key.pem")
@@ -56,7 +60,13 @@ class StampingSettings(ServiceSettings):
     # authority, that many signatures wait for it at once).
     worker_concurrency: int = 2
     worker_lease_seconds: float = 30.0
+    # A job whose attempt failed through no fault of its document (the signing key, storage)
+    # is tried again after a backoff that doubles from `worker_retry_backoff_seconds` up to
+    # `worker_retry_backoff_max_seconds`; after `worker_max_attempts` attempts it is `failed`
+    # with `too_many_attempts` and recorded in `dead_letters`.
     worker_max_attempts: int = 5
+    worker_retry_backoff_seconds: float = 5.0
+    worker_retry_backoff_max_seconds: float = 300.0
     worker_grace_seconds: float = 20.0
     worker_id: str = ""
 

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from services.stamping.models import JobStatus, StampingJob
+
 
 class StampingRequested(BaseModel):
     """`stamping.requests`, keyed by job id: a job is ready for a signing worker."""
@@ -24,3 +26,16 @@ class StampingFinished(BaseModel):
     sha256: str | None = None
     error_code: str | None = None
     error_detail: str | None = None
+
+    @classmethod
+    def of(cls, job: StampingJob) -> StampingFinished:
+        """The message announcing a finished job."""
+        return cls(
+            job_id=job.id,
+            serial=job.serial,
+            owner=job.owner,
+            status="done" if job.status is JobStatus.done else "failed",
+            sha256=job.output_sha256,
+            error_code=job.error_code,
+            error_detail=job.error_detail,
+        )

@@ -1,4 +1,5 @@
-"""Stamping tables: jobs, the outbox that hands them to Kafka, and callbacks to distributors."""
+"""Stamping tables: jobs, the outbox that hands them to Kafka, callbacks to distributors, and
+the jobs given up on."""
 
 from __future__ import annotations
 
@@ -57,8 +58,8 @@ class StampingJob(Base):
         ),
         # The relay's sweep for jobs the broker may have lost looks only at unfinished ones.
         Index(
-            "ix_stamping_jobs_unfinished",
-            "updated_at",
+            "ix_stamping_jobs_republish_at",
+            "republish_at",
             postgresql_where=text("status IN ('queued', 'signing')"),
         ),
         Index("ix_stamping_jobs_owner_created", "owner", "created_at"),
@@ -84,6 +85,15 @@ class StampingJob(Base):
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_detail: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # What went wrong in the last attempt that failed without being the document's fault.
+    last_error: Mapped[str | None] = mapped_column(Text)
+    # No attempt before this time: the backoff after such a failure.
+    not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When the relay publishes the job again if it is still unfinished (its message may be
+    # lost, or its worker dead): the lease's end while leased, later and later otherwise.
+    republish_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
     lease_owner: Mapped[str | None] = mapped_column(String(100))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
@@ -102,6 +112,25 @@ class OutboxMessage(Base):
     key: Mapped[str] = mapped_column(String(200))
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
     headers: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class DeadLetter(Base):
+    """A job the system gave up on, through no fault of its document (the job is `failed`
+    with the same reason and its serial went back): for operators to look into and retry."""
+
+    __tablename__ = "dead_letters"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("stamping_jobs.id", ondelete="CASCADE"), unique=True
+    )
+    owner: Mapped[str] = mapped_column(String(100))
+    serial: Mapped[str] = mapped_column(String(22))
+    reason: Mapped[str] = mapped_column(String(64), doc="the job's error code")
+    detail: Mapped[str] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 

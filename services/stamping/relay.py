@@ -2,7 +2,9 @@
 
 Several replicas may run: each batch is locked with SKIP LOCKED, so a row is published by one
 relay at a time (and at least once overall). The relay also re-publishes jobs that have not
-finished for a while, so a broker that lost its memory loses no accepted job.
+finished when they are due (`republish_at`: when a lease ran out, when a backoff ended, or after
+waits that double while a job is queued), so a broker that lost its memory loses no accepted
+job; `replay_after_broker_loss` also re-announces results the broker may have lost.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.platform.db import transaction
 from services.stamping import repository as repo
-from services.stamping.messages import StampingRequested
+from services.stamping.messages import StampingFinished, StampingRequested
 from services.stamping.service import idempotency
 
 log = structlog.get_logger(__name__)
@@ -41,13 +43,19 @@ class OutboxRelay:
         requests_topic: str,
         interval: float,
         republish_after: float,
+        republish_max_interval: float = 300.0,
         batch: int = 200,
     ) -> None:
         self.sessionmaker = sessionmaker
         self.producer = producer
         self.requests_topic = requests_topic
         self.interval = interval
-        self.republish_after = republish_after
+        self.republish_after = timedelta(seconds=republish_after)
+        self.republish_max_interval = timedelta(
+            seconds=max(republish_max_interval, republish_after)
+        )
+        # Due jobs are found by index: look often, so that backoffs end when they should.
+        self.sweep_every = min(1.0, republish_after / 2)
         self.batch = batch
         self._wake = asyncio.Event()
         self._stopping = False
@@ -68,7 +76,7 @@ class OutboxRelay:
         while not self._stopping:
             try:
                 sent = await self.publish_pending()
-                if loop.time() - self._last_sweep > min(10.0, self.republish_after / 2):
+                if loop.time() - self._last_sweep > self.sweep_every:
                     self._last_sweep = loop.time()
                     await self.requeue_stale_jobs()
                 if loop.time() >= self._next_purge:
@@ -111,10 +119,9 @@ class OutboxRelay:
             return await idempotency.purge_older_than(session, datetime.now(UTC) - retention)
 
     async def requeue_stale_jobs(self) -> int:
-        """Queue another request for unfinished jobs nobody has worked on for a while."""
-        cutoff = datetime.now(UTC) - timedelta(seconds=self.republish_after)
+        """Queue another request for unfinished jobs that are due (see `republish_at`)."""
         async with transaction(self.sessionmaker) as session:
-            jobs = await repo.stale_unfinished_jobs(session, older_than=cutoff, limit=self.batch)
+            jobs = await repo.due_unfinished_jobs(session, limit=self.batch)
             for job in jobs:
                 await repo.add_outbox(
                     session,
@@ -123,9 +130,31 @@ class OutboxRelay:
                     StampingRequested(job_id=job.id).model_dump(mode="json"),
                 )
             if jobs:
-                await repo.touch_jobs(session, [job.id for job in jobs])
+                await repo.postpone_republish(
+                    session,
+                    [job.id for job in jobs],
+                    first=self.republish_after,
+                    longest=self.republish_max_interval,
+                )
         if jobs:
             REPUBLISHED.inc(len(jobs))
             log.info("stale_jobs_requeued", count=len(jobs))
             self.wake()
         return len(jobs)
+
+
+async def replay_after_broker_loss(
+    sessionmaker: async_sessionmaker[AsyncSession], *, results_topic: str, finished_since: datetime
+) -> tuple[int, int]:
+    """After the broker lost its messages (an in-memory broker restarted): make every queued job
+    due for publishing now, and queue again the result of every job finished since
+    `finished_since` (its consumers apply results idempotently, per job). Returns both counts;
+    the relays publish them."""
+    async with transaction(sessionmaker) as session:
+        queued = await repo.republish_queued_now(session)
+        finished = await repo.jobs_finished_since(session, finished_since)
+        for job in finished:
+            message = StampingFinished.of(job).model_dump(mode="json")
+            await repo.add_outbox(session, results_topic, str(job.id), message)
+    log.warning("broker_loss_replayed", queued_jobs=queued, results=len(finished))
+    return queued, len(finished)

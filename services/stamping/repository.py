@@ -1,4 +1,4 @@
-"""All stamping SQL: jobs, their leases, the outbox, and callbacks."""
+"""All stamping SQL: jobs, their leases and retries, the outbox, callbacks and dead letters."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, insert, or_, select, update
+from sqlalchemy import delete, func, insert, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -15,6 +15,7 @@ from services.stamping.models import (
     UNFINISHED,
     CallbackDelivery,
     CallbackState,
+    DeadLetter,
     JobStatus,
     OutboxMessage,
     StampingJob,
@@ -57,7 +58,8 @@ async def get_job(session: AsyncSession, job_id: uuid.UUID) -> StampingJob | Non
 async def lease_job(
     session: AsyncSession, job_id: uuid.UUID, *, worker_id: str, lease: timedelta
 ) -> StampingJob | None:
-    """Take a queued job, or one whose previous worker's lease ran out; None if neither."""
+    """Take a queued job, or one whose previous worker's lease ran out; None if neither, or if
+    the job is waiting out a backoff. The attempt number (`attempts`) fences the outcome."""
     now = func.now()
     row = await session.execute(
         update(StampingJob)
@@ -67,12 +69,16 @@ async def lease_job(
                 StampingJob.status == JobStatus.queued,
                 (StampingJob.status == JobStatus.signing) & (StampingJob.lease_expires_at < now),
             ),
+            or_(StampingJob.not_before.is_(None), StampingJob.not_before <= now),
         )
         .values(
             status=JobStatus.signing,
             attempts=StampingJob.attempts + 1,
             lease_owner=worker_id,
             lease_expires_at=now + lease,
+            not_before=None,
+            # Should this worker die, the job is published again as soon as the lease ends.
+            republish_at=now + lease,
             started_at=func.coalesce(StampingJob.started_at, now),
             updated_at=now,
         )
@@ -86,61 +92,149 @@ async def finish_job(
     job_id: uuid.UUID,
     *,
     worker_id: str,
+    attempt: int,
     status: JobStatus,
     output_key: str | None = None,
     output_sha256: str | None = None,
     error_code: str | None = None,
     error_detail: str | None = None,
+    last_error: str | None = None,
 ) -> StampingJob | None:
-    """Record the outcome if this worker still holds the lease; None if it lost it."""
+    """Record the outcome if this worker still holds the lease of attempt number `attempt`;
+    None if it lost it. The row stays locked until the transaction ends."""
+    values: dict[str, Any] = {
+        "status": status,
+        "output_key": output_key,
+        "output_sha256": output_sha256,
+        "error_code": error_code,
+        "error_detail": error_detail,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "finished_at": func.now(),
+        "updated_at": func.now(),
+    }
+    if last_error is not None:
+        values["last_error"] = last_error
     row = await session.execute(
         update(StampingJob)
-        .where(
-            StampingJob.id == job_id,
-            StampingJob.status == JobStatus.signing,
-            StampingJob.lease_owner == worker_id,
-        )
+        .where(*_holding(job_id, worker_id, attempt))
+        .values(**values)
+        .returning(StampingJob)
+    )
+    return row.scalar_one_or_none()
+
+
+async def retry_later(
+    session: AsyncSession,
+    job_id: uuid.UUID,
+    *,
+    worker_id: str,
+    attempt: int,
+    error: str,
+    delay: timedelta,
+) -> StampingJob | None:
+    """Give back a job whose attempt failed through no fault of its document: queued again,
+    not to be tried before `delay` has passed, when the relay publishes it again. None if
+    this worker no longer held the lease."""
+    now = func.now()
+    row = await session.execute(
+        update(StampingJob)
+        .where(*_holding(job_id, worker_id, attempt))
         .values(
-            status=status,
-            output_key=output_key,
-            output_sha256=output_sha256,
-            error_code=error_code,
-            error_detail=error_detail,
+            status=JobStatus.queued,
             lease_owner=None,
             lease_expires_at=None,
-            finished_at=func.now(),
-            updated_at=func.now(),
+            last_error=error,
+            not_before=now + delay,
+            republish_at=now + delay,
+            updated_at=now,
         )
         .returning(StampingJob)
     )
     return row.scalar_one_or_none()
 
 
-async def stale_unfinished_jobs(
-    session: AsyncSession, *, older_than: datetime, limit: int
-) -> list[StampingJob]:
-    """Unfinished jobs nobody touched since `older_than` whose lease (if any) ran out."""
+def _holding(job_id: uuid.UUID, worker_id: str, attempt: int) -> tuple[Any, ...]:
+    # The attempt number fences a worker that lost its lease and got it back under the same
+    # id (a restarted process keeps its name), or that was paused past its lease.
+    return (
+        StampingJob.id == job_id,
+        StampingJob.status == JobStatus.signing,
+        StampingJob.lease_owner == worker_id,
+        StampingJob.attempts == attempt,
+    )
+
+
+async def add_dead_letter(session: AsyncSession, job: StampingJob) -> None:
+    """Record a job given up on (already `failed` with its reason), once."""
+    statement = pg_insert(DeadLetter).values(
+        job_id=job.id,
+        owner=job.owner,
+        serial=job.serial,
+        reason=job.error_code or "unknown",
+        detail=job.error_detail or "",
+        attempts=job.attempts,
+        last_error=job.last_error,
+    )
+    await session.execute(statement.on_conflict_do_nothing(index_elements=[DeadLetter.job_id]))
+
+
+async def due_unfinished_jobs(session: AsyncSession, *, limit: int) -> list[StampingJob]:
+    """Unfinished jobs due for publishing again (`republish_at`) whose lease, if any, ran out;
+    locked so that relay replicas do not both take them."""
     rows = await session.execute(
         select(StampingJob)
         .where(
             StampingJob.status.in_(UNFINISHED),
-            StampingJob.updated_at < older_than,
+            StampingJob.republish_at <= func.now(),
             or_(
                 StampingJob.lease_expires_at.is_(None),
                 StampingJob.lease_expires_at < func.now(),
             ),
         )
-        .order_by(StampingJob.updated_at)
+        .order_by(StampingJob.republish_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
     return list(rows.scalars().all())
 
 
-async def touch_jobs(session: AsyncSession, job_ids: Sequence[uuid.UUID]) -> None:
+async def postpone_republish(
+    session: AsyncSession, job_ids: Sequence[uuid.UUID], *, first: timedelta, longest: timedelta
+) -> None:
+    """Next publication of these jobs after waiting as long as they already waited since they
+    were queued or leased (at least `first`, at most `longest`): the waits double."""
+    waited = func.now() - StampingJob.updated_at
+    wait = func.least(func.greatest(literal(first), waited), literal(longest))
     await session.execute(
-        update(StampingJob).where(StampingJob.id.in_(job_ids)).values(updated_at=func.now())
+        update(StampingJob)
+        .where(StampingJob.id.in_(job_ids))
+        .values(republish_at=func.now() + wait)
     )
+
+
+async def republish_queued_now(session: AsyncSession) -> int:
+    """Make every queued job that is not backing off due for publishing at once."""
+    result = await session.execute(
+        update(StampingJob)
+        .where(
+            StampingJob.status == JobStatus.queued,
+            StampingJob.republish_at > func.now(),
+            or_(StampingJob.not_before.is_(None), StampingJob.not_before <= func.now()),
+        )
+        .values(republish_at=func.now())
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+async def jobs_finished_since(session: AsyncSession, since: datetime) -> list[StampingJob]:
+    rows = await session.execute(
+        select(StampingJob)
+        .where(StampingJob.status.in_((JobStatus.done, JobStatus.failed)))
+        .where(StampingJob.finished_at >= since)
+        .order_by(StampingJob.finished_at)
+    )
+    return list(rows.scalars().all())
 
 
 async def beat(session: AsyncSession, worker_id: str, jobs_done: int) -> None:

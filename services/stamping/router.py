@@ -246,6 +246,7 @@ async def create_stamping(
         requests_topic=settings.requests_topic,
         render=lambda job: render_job(job, settings.public_base_url),
         cpu_budget_seconds=settings.document_cpu_budget_seconds,
+        republish_after_seconds=settings.republish_after_seconds,
     )
     state.relay.wake()
     if accepted.replay is not None:

@@ -6,9 +6,11 @@ import asyncio
 import hashlib
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import structlog
+from sqlalchemy import func
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.platform.blobs import BlobStore
@@ -83,13 +85,15 @@ async def accept(
     requests_topic: str,
     render: Any,
     cpu_budget_seconds: float,
+    republish_after_seconds: float,
 ) -> Accepted:
     """Accept a job: one transaction writes the job, its outbox message and the idempotency
     record; the serial claimed at inventory is given back if anything after the claim fails.
 
     The document is inspected first (within `cpu_budget_seconds`), before any database work:
     a hostile upload costs bounded CPU and holds no connection. `render(job)` builds the
-    response body recorded for idempotent replays.
+    response body recorded for idempotent replays. Should the job's message be lost, the relay
+    publishes it again after `republish_after_seconds`.
     """
     try:
         page, box = await asyncio.to_thread(
@@ -135,6 +139,7 @@ async def accept(
                 input_bytes=len(order.document),
                 callback_url=order.callback_url,
                 attempts=0,
+                republish_at=func.now() + timedelta(seconds=republish_after_seconds),
             )
             session.add(job)
             await session.flush()

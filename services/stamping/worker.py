@@ -1,9 +1,11 @@
 """Signing workers: take jobs from `stamping.requests`, stamp and sign, record the result.
 
 Exactly once in effect: a job is leased in PostgreSQL before any work, so a redelivered message
-for a finished or leased job does nothing; the output goes to a key derived from the job id, so
-a retried job overwrites rather than duplicates; the result and its outbox message commit
-together. Run with
+for a finished or leased job does nothing; the output is stored under a key derived from the job
+id, while the transaction that records the job done holds its row, so only the attempt that
+records the job writes its output; the result and its outbox message commit together. An
+attempt that fails through no fault of the document is retried after a growing backoff; after
+`worker_max_attempts` the job is `failed` and recorded in `dead_letters`. Run with
 `python -m services.platform.serve services.stamping.worker:create_worker_app --port N`
 (one process per core).
 """
@@ -32,6 +34,7 @@ from services.platform.blobs import BlobNotFound, BlobStore, blob_store_from_url
 from services.platform.db import check_database, create_engine, create_sessionmaker, transaction
 from services.platform.health import HealthChecks
 from services.platform.kafka import ConsumerLoop
+from services.platform.stopping import on_stop_requested
 from services.stamping import repository as repo
 from services.stamping.config import StampingSettings
 from services.stamping.messages import StampingFinished, StampingRequested
@@ -42,6 +45,11 @@ from services.stamping.signing import DocumentRejected, StampBox, StampRequest, 
 log = structlog.get_logger(__name__)
 
 JOBS = Counter("meterai_signer_jobs_total", "Jobs a signing worker finished", ["outcome"])
+DEAD_LETTERS = Counter(
+    "meterai_signer_dead_letters_total",
+    "Jobs given up on through no fault of their document (see the dead_letters table)",
+    ["reason"],
+)
 SIGNING_SECONDS = Histogram(
     "meterai_signer_signing_duration_seconds",
     "Time to stamp and sign one document",
@@ -110,22 +118,27 @@ class SigningWorker:
             structlog.contextvars.unbind_contextvars("job_id", "request_id")
 
     async def process(self, job_id: uuid.UUID) -> None:
-        """Lease, stamp, store and record one job; a no-op if it is finished or leased."""
+        """Lease, stamp, store and record one job; a no-op if it is finished, leased or
+        waiting out a backoff."""
         async with transaction(self.sessionmaker) as session:
             job = await repo.lease_job(session, job_id, worker_id=self.worker_id, lease=self.lease)
         if job is None:
-            log.info("job_skipped", reason="finished or leased by another worker")
+            log.info("job_skipped", reason="finished, leased, or backing off")
             JOBS.labels("skipped").inc()
             return
         if job.attempts > self.settings.worker_max_attempts:
-            await self._finish_failed(
-                job, "too_many_attempts", f"Gave up after {job.attempts - 1} attempts."
+            # The last attempts ended without a word: their workers died on this job.
+            await self._give_up(
+                job,
+                "too_many_attempts",
+                f"Gave up after {job.attempts - 1} attempts; the last error was "
+                f"{job.last_error or 'not recorded (the worker stopped mid-job)'}.",
             )
             return
         try:
             document = await self.blobs.get(job.input_key)
         except BlobNotFound:
-            await self._finish_failed(job, "input_missing", "The uploaded document is gone.")
+            await self._give_up(job, "input_missing", "The uploaded document is gone.")
             return
         request = StampRequest(
             serial=job.serial,
@@ -146,53 +159,115 @@ class SigningWorker:
             await self._finish_failed(job, rejection.code, rejection.detail)
             return
         except Exception as exc:  # noqa: BLE001 - never die on one document
-            # Not the document's known fault: leave the lease to expire so the job is retried
-            # later (the relay re-publishes it), up to the attempt limit.
             log.exception("signing_error", error=repr(exc), attempt=job.attempts)
-            JOBS.labels("error").inc()
+            await self._retry_later(job, exc)
             return
         SIGNING_SECONDS.observe(time.perf_counter() - started)
-        key = output_key(job.id)
-        await self.blobs.put(key, signed)
-        digest = hashlib.sha256(signed).hexdigest()
-        finished = await self._finish(job, JobStatus.done, output_key=key, output_sha256=digest)
+        try:
+            finished = await self._finish(
+                job,
+                JobStatus.done,
+                output=signed,
+                output_key=output_key(job.id),
+                output_sha256=hashlib.sha256(signed).hexdigest(),
+            )
+        except Exception as exc:  # noqa: BLE001 - storage failed; the database may still work
+            log.exception("storing_error", error=repr(exc), attempt=job.attempts)
+            await self._retry_later(job, exc)
+            return
         if finished is None:
-            log.warning("lease_lost", detail="another worker owns the job now")
+            log.warning("lease_lost", detail="another attempt owns the job now")
             JOBS.labels("lease_lost").inc()
             return
         self.jobs_done += 1
         JOBS.labels("done").inc()
         log.info("job_done", serial=job.serial, ms=round((time.perf_counter() - started) * 1000))
 
+    async def _retry_later(self, job: StampingJob, exc: Exception) -> None:
+        """Queue the job again after a backoff, or give up once it had all its attempts."""
+        error = f"{type(exc).__name__}: {exc}"[:2000]
+        if job.attempts >= self.settings.worker_max_attempts:
+            await self._give_up(
+                job,
+                "too_many_attempts",
+                f"Gave up after {job.attempts} attempts; the last error was {error}.",
+                last_error=error,
+            )
+            return
+        delay = min(
+            self.settings.worker_retry_backoff_seconds * 2 ** (job.attempts - 1),
+            self.settings.worker_retry_backoff_max_seconds,
+        )
+        async with transaction(self.sessionmaker) as session:
+            queued = await repo.retry_later(
+                session,
+                job.id,
+                worker_id=self.worker_id,
+                attempt=job.attempts,
+                error=error,
+                delay=timedelta(seconds=delay),
+            )
+        JOBS.labels("retry" if queued else "lease_lost").inc()
+        log.warning("job_retry_later", attempt=job.attempts, retry_in_s=delay, queued=bool(queued))
+
     async def _finish_failed(self, job: StampingJob, code: str, detail: str) -> None:
         await self._finish(job, JobStatus.failed, error_code=code, error_detail=detail)
         JOBS.labels("failed").inc()
         log.info("job_failed", code=code, detail=detail)
 
+    async def _give_up(
+        self, job: StampingJob, code: str, detail: str, last_error: str | None = None
+    ) -> None:
+        """Fail the job through no fault of its document, with a dead letter for operators."""
+        finished = await self._finish(
+            job,
+            JobStatus.failed,
+            dead_letter=True,
+            last_error=last_error,
+            error_code=code,
+            error_detail=detail,
+        )
+        if finished is None:
+            return
+        JOBS.labels("failed").inc()
+        DEAD_LETTERS.labels(code).inc()
+        log.error("job_dead_lettered", code=code, detail=detail, attempts=job.attempts)
+
     async def _finish(
-        self, job: StampingJob, status: JobStatus, **outcome: str
+        self,
+        job: StampingJob,
+        status: JobStatus,
+        *,
+        output: bytes | None = None,
+        dead_letter: bool = False,
+        last_error: str | None = None,
+        **outcome: str,
     ) -> StampingJob | None:
         """Record the outcome and its `stamping.results` message in one transaction, if this
-        worker still holds the lease (None otherwise)."""
+        worker still holds the lease of this attempt (None otherwise)."""
         async with transaction(self.sessionmaker) as session:
             finished = await repo.finish_job(
-                session, job.id, worker_id=self.worker_id, status=status, **outcome
+                session,
+                job.id,
+                worker_id=self.worker_id,
+                attempt=job.attempts,
+                status=status,
+                last_error=last_error,
+                **outcome,
             )
             if finished is not None:
+                if output is not None and finished.output_key is not None:
+                    # While this transaction holds the job's row, no other attempt can record
+                    # the job, nor lease it: the stored output is the one recorded. Should the
+                    # commit fail, the next attempt overwrites it.
+                    await self.blobs.put(finished.output_key, output)
+                if dead_letter:
+                    await repo.add_dead_letter(session, finished)
                 await self._announce(session, finished)
         return finished
 
     async def _announce(self, session: AsyncSession, job: StampingJob) -> None:
-        status = "done" if job.status is JobStatus.done else "failed"
-        message = StampingFinished(
-            job_id=job.id,
-            serial=job.serial,
-            owner=job.owner,
-            status=status,
-            sha256=job.output_sha256,
-            error_code=job.error_code,
-            error_detail=job.error_detail,
-        )
+        message = StampingFinished.of(job)
         await repo.add_outbox(
             session, self.settings.results_topic, str(job.id), message.model_dump(mode="json")
         )
@@ -236,6 +311,8 @@ def create_worker_app(settings: StampingSettings | None = None) -> FastAPI:
             grace_seconds=settings.worker_grace_seconds,
         )
         await loop.start_in_background()
+        # On SIGTERM stop taking jobs at once; the server reaches the shutdown below later.
+        forget_stop = on_stop_requested(loop.request_stop)
         beat_task = asyncio.create_task(worker.heartbeat(), name="heartbeat")
         health: HealthChecks = app.state.health
         health.add("database", lambda: check_database(engine))
@@ -246,6 +323,7 @@ def create_worker_app(settings: StampingSettings | None = None) -> FastAPI:
         finally:
             # SIGTERM: stop fetching, let in-flight jobs finish within the grace period,
             # commit offsets, leave the group.
+            forget_stop()
             await loop.stop_background()
             beat_task.cancel()
             with suppress(asyncio.CancelledError):

@@ -303,3 +303,34 @@ async def test_consumer_lag_is_exported_per_partition_after_each_batch(bootstrap
             return len(seen) >= 6 and lag() == 0
 
         await wait_for(caught_up, within=30, interval=0.05)
+
+
+async def test_stopping_finishes_what_runs_and_leaves_what_has_not_started(
+    bootstrap: str,
+) -> None:
+    topic, group = unique("drain"), unique("group")
+    partition = TopicPartition(topic, 0)
+    await ensure_topics(bootstrap, [TopicSpec(topic, 1)])
+    await produce(bootstrap, topic, [(0, f"m{index}".encode()) for index in range(6)])
+    started, release = asyncio.Event(), asyncio.Event()
+    handled: list[bytes] = []
+
+    async def handler(record: Record) -> None:
+        assert record.value is not None
+        started.set()
+        await release.wait()
+        handled.append(record.value)
+
+    # One at a time, and the whole backlog fetched in one batch: m0 runs, m1..m5 wait.
+    loop = consumer_loop(bootstrap, topic, group, handler, concurrency=1, max_batch=6)
+    async with Running(loop):
+        await asyncio.wait_for(started.wait(), timeout=30)
+        loop.request_stop()
+        await asyncio.sleep(0.2)
+        release.set()
+    # The message in flight finished and was committed; the others were not started and are
+    # left for the partition's next owner.
+    assert handled == [b"m0"]
+    assert await committed(bootstrap, group, [partition]) == [1]
+    remaining = await read_as_group(bootstrap, group, [partition])
+    assert [record.value for record in remaining] == [f"m{index}".encode() for index in range(1, 6)]

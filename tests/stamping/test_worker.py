@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import uuid
 
+import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer
 from prometheus_client import REGISTRY
@@ -106,6 +107,15 @@ async def test_a_job_that_cannot_be_stamped_fails_and_gives_its_serial_back(
 
         job = await wait_for(failed, within=60)
         assert job["error"] == {"code": "input_missing", "detail": "The uploaded document is gone."}
+        # Not the document's fault: operators find it among the dead letters.
+        connection = await asyncpg.connect(stack.stamping_db)
+        try:
+            letters = await connection.fetch("SELECT job_id, reason FROM dead_letters")
+        finally:
+            await connection.close()
+        assert [(str(row["job_id"]), row["reason"]) for row in letters] == [
+            (job_id, "input_missing")
+        ]
 
         async def released() -> bool:
             (item,) = (await client.get("/api/v1/serials")).json()["items"]
