@@ -28,11 +28,15 @@ pytestmark = [pytest.mark.stack, pytest.mark.timeout(420)]
 
 LEASE_SECONDS = 4.0
 GRACE_SECONDS = 10.0
-# Short leases, so that recovering from a crash takes seconds, not half a minute. Everything
-# else as configured by default (a job is published again when its lease ran out).
+# Short leases, so that recovering from a crash takes seconds, not half a minute. The one
+# distributor here uploads hundreds of documents in seconds, which its default contract rate
+# at the gateway (tested in tests/gateway/test_limits.py) would refuse. Everything else as
+# configured by default (a job is published again when its lease ran out).
 STACK_ENV = {
     "METERAI_STAMPING_WORKER_LEASE_SECONDS": str(LEASE_SECONDS),
     "METERAI_STAMPING_WORKER_GRACE_SECONDS": str(GRACE_SECONDS),
+    "METERAI_GATEWAY_DISTRIBUTOR_RATE_PER_SECOND": "100000",
+    "METERAI_GATEWAY_DISTRIBUTOR_BURST": "100000",
 }
 
 
