@@ -22,6 +22,7 @@ from services.stamping import verify_page
 from services.stamping.config import StampingSettings
 from services.stamping.documents import DocumentRejected
 from services.stamping.models import JobStatus, StampingJob
+from services.stamping.router import MalformedMultipart, PayloadTooLarge, UnsupportedMediaType
 from services.stamping.schemas import (
     SerialStatus,
     StampRecord,
@@ -61,24 +62,6 @@ class NotPdf(MeteraiError):
     status = 415
     code = "not_pdf"
     title = "Only PDF documents can be verified"
-
-
-class UnsupportedMediaType(MeteraiError):
-    status = 415
-    code = "unsupported_media_type"
-    title = "Unsupported media type"
-
-
-class PayloadTooLarge(MeteraiError):
-    status = 413
-    code = "payload_too_large"
-    title = "Payload too large"
-
-
-class MalformedUpload(MeteraiError):
-    status = 400
-    code = "malformed_multipart"
-    title = "Malformed multipart body"
 
 
 class MissingFile(MeteraiError):
@@ -230,7 +213,7 @@ async def _multipart_file(request: Request, max_bytes: int) -> bytes:
     try:
         form = await request.form(max_files=1, max_fields=4, max_part_size=64 * 1024)
     except (MultiPartException, StarletteHTTPException) as exc:
-        raise MalformedUpload(f"The multipart body cannot be parsed: {exc}") from exc
+        raise MalformedMultipart(f"The multipart body cannot be parsed: {exc}") from exc
     try:
         upload = form.get("file")
         if not isinstance(upload, UploadFile):

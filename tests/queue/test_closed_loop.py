@@ -3,7 +3,6 @@ speeds up again when they catch up."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import pytest
@@ -53,4 +52,3 @@ async def test_admission_follows_the_signing_backlog(stack: ServiceStack) -> Non
             return bool((await view())["effective_per_minute"] == 600)
 
         await wait_for(recovered, within=60, interval=0.5)
-        await asyncio.sleep(0)
