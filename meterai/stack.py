@@ -189,7 +189,9 @@ class Stack:
         return Endpoints(postgres_server=postgres, redis=redis, kafka=kafka)
 
     async def _broker_ready(self, bootstrap: str) -> None:
-        await self._create_topics(bootstrap)
+        # Back empty: a client may have made a topic with the broker's default partition count
+        # before this runs; such a topic is replaced (its keys would miss some consumers).
+        await self._create_topics(bootstrap, replace_smaller=self._broker_started is not None)
         previous, self._broker_started = self._broker_started, datetime.now(UTC)
         if previous is None or self._stamping_database is None:
             return  # first start: nothing was published to it yet
@@ -214,7 +216,7 @@ class Stack:
             return
         self.announce(f"{why}: {queued} queued jobs and {results} results published again")
 
-    async def _create_topics(self, bootstrap: str) -> None:
+    async def _create_topics(self, bootstrap: str, *, replace_smaller: bool = False) -> None:
         stamping = StampingSettings()
         await ensure_topics(
             bootstrap,
@@ -222,6 +224,7 @@ class Stack:
                 TopicSpec(stamping.requests_topic, stamping.requests_partitions),
                 TopicSpec(stamping.results_topic, stamping.results_partitions),
             ],
+            replace_smaller=replace_smaller,
         )
 
     def service_env(self, endpoints: Endpoints) -> dict[str, str]:
@@ -252,6 +255,7 @@ class Stack:
                 endpoints.postgres_server, DATABASES["stamping"]
             ),
             "METERAI_STAMPING_INVENTORY_URL": f"http://{host}:{ports.inventory}",
+            "METERAI_INVENTORY_STAMPING_URL": f"http://{host}:{ports.stamping}",
             "METERAI_STAMPING_BLOB_STORE_URL": f"file://{self.data_dir / 'blobs'}",
             "METERAI_STAMPING_SIGNING_KEY_PATH": str(keys.signer_key),
             "METERAI_STAMPING_SIGNING_CERT_PATH": str(keys.signer_cert),

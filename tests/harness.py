@@ -222,6 +222,7 @@ class ServiceStack:
             "stamping_results_topic": f"stamping.results.{self.suffix}",
             "consumer_group": f"inventory-{self.suffix}",
             "payment_secret": PAYMENT_SECRET,
+            "stamping_url": self.servers["stamping"].url,
             **self.overrides.get("inventory", {}),
         }
         return InventorySettings(**values)
@@ -255,10 +256,12 @@ class ServiceStack:
                 TopicSpec(f"stamping.results.{self.suffix}", 2),
             ],
         )
-        gateway_port = free_port()
+        # Inventory and stamping call each other: know both URLs before either starts.
+        gateway_port, stamping_port = free_port(), free_port()
         self.servers["gateway"] = Served(FastAPI(), gateway_port)  # placeholder for the URL
+        self.servers["stamping"] = Served(FastAPI(), stamping_port)  # placeholder for the URL
         await self._serve("inventory", create_inventory(self.inventory_settings()))
-        await self._serve("stamping", create_stamping(self.stamping_settings()))
+        await self._serve("stamping", create_stamping(self.stamping_settings()), stamping_port)
         await self._serve(
             "queue",
             create_queue(
@@ -299,8 +302,8 @@ class ServiceStack:
             }
         )
 
-    async def _serve(self, name: str, app: FastAPI) -> None:
-        served = Served(app)
+    async def _serve(self, name: str, app: FastAPI, port: int | None = None) -> None:
+        served = Served(app, port)
         await served.start()
         self.servers[name] = served
 

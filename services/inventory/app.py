@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
+from datetime import timedelta
 
 from fastapi import FastAPI
 
+from services.inventory.claims import ClaimChecker
 from services.inventory.config import InventorySettings
 from services.inventory.consumer import StampingResultHandler
 from services.inventory.router import create_purchase_hot, internal, router
@@ -16,6 +18,8 @@ from services.inventory.sweeper import run_sweeper
 from services.platform.app import create_service_app
 from services.platform.db import check_database, create_engine, create_sessionmaker
 from services.platform.health import HealthChecks
+from services.platform.http import ServiceClient, create_http_client
+from services.platform.identity import Principal, PrincipalKind
 from services.platform.kafka import ConsumerLoop
 
 
@@ -52,18 +56,34 @@ def create_app(settings: InventorySettings | None = None) -> FastAPI:
             max_batch=64,
         )
         await consumer.start_in_background()
-        sweeper = asyncio.create_task(
-            run_sweeper(sessionmaker, settings.sweep_interval_seconds), name="reservation-sweeper"
+        stamping = create_http_client(settings.stamping_url, timeout=10)
+        claims = ClaimChecker(
+            sessionmaker,
+            ServiceClient(
+                stamping, app.state.principal_codec, Principal(PrincipalKind.service, "inventory")
+            ),
+            check_after=timedelta(seconds=settings.claim_check_after_seconds),
+            orphan_after=timedelta(seconds=settings.orphan_claim_after_seconds),
         )
+        background = [
+            asyncio.create_task(
+                run_sweeper(sessionmaker, settings.sweep_interval_seconds),
+                name="reservation-sweeper",
+            ),
+            asyncio.create_task(
+                claims.run(settings.claim_check_interval_seconds), name="claim-checker"
+            ),
+        ]
         health: HealthChecks = app.state.health
         health.add("database", lambda: check_database(engine))
         health.add("kafka_consumer", consumer.check_running)
         try:
             yield
         finally:
-            sweeper.cancel()
-            with suppress(asyncio.CancelledError):
-                await sweeper
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await stamping.aclose()
             await consumer.stop_background()
             await purchases.drain()
             await engine.dispose()

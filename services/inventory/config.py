@@ -23,6 +23,13 @@ class InventorySettings(ServiceSettings):
     # Stamping results tell inventory which serials became used (or were released).
     stamping_results_topic: str = "stamping.results"
     consumer_group: str = "inventory"
+    # Claims whose job has not reported back after `claim_check_after_seconds` are settled by
+    # asking stamping (looked for every `claim_check_interval_seconds`); a claim whose job
+    # stamping never recorded is given back after `orphan_claim_after_seconds`.
+    stamping_url: str = "http://127.0.0.1:8003"
+    claim_check_after_seconds: float = 120.0
+    claim_check_interval_seconds: float = 30.0
+    orphan_claim_after_seconds: float = 900.0
     stamp_price_rupiah: int = 10_000
     max_quantity_per_purchase: int = 1_000
     db_pool_size: int = 20

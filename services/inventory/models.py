@@ -82,6 +82,12 @@ class Serial(Base):
         ),
         Index("ix_serials_owner_state", "owner", "state"),
         Index("uq_serials_job_id", "job_id", unique=True),
+        # Claims whose job has not reported back, oldest check first (see `outcomes`).
+        Index(
+            "ix_serials_open_claims",
+            text("coalesce(claim_checked_at, claimed_at)"),
+            postgresql_where=text("state = 'sold' AND job_id IS NOT NULL"),
+        ),
     )
 
     serial: Mapped[str] = mapped_column(String(22), primary_key=True)
@@ -92,6 +98,9 @@ class Serial(Base):
     purchase_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("purchases.id"))
     # The stamping job this serial is (or was) affixed by; one serial, one job, ever.
     job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    # When a job claimed this serial, and when inventory last asked stamping about that job.
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    claim_checked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     minted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     sold_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

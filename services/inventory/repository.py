@@ -203,6 +203,38 @@ async def serial_of_job(session: AsyncSession, job_id: uuid.UUID) -> Serial | No
     ).scalar_one_or_none()
 
 
+@dataclass(frozen=True)
+class OpenClaim:
+    serial: str
+    job_id: uuid.UUID
+    claimed_at: datetime
+
+
+async def take_due_claims(
+    session: AsyncSession, *, checked_before: datetime, limit: int
+) -> list[OpenClaim]:
+    """Claims not checked (or made) since `checked_before`, oldest first, marked checked now.
+    Rows another replica is checking are skipped."""
+    rows = await session.execute(
+        text(
+            """
+            UPDATE serials SET claim_checked_at = now()
+            WHERE serial IN (
+                SELECT serial FROM serials
+                WHERE state = 'sold' AND job_id IS NOT NULL
+                  AND coalesce(claim_checked_at, claimed_at) < :checked_before
+                ORDER BY coalesce(claim_checked_at, claimed_at)
+                LIMIT :limit
+                FOR UPDATE SKIP LOCKED
+            )
+            RETURNING serial, job_id, claimed_at
+            """
+        ),
+        {"checked_before": checked_before, "limit": limit},
+    )
+    return [OpenClaim(row.serial, row.job_id, row.claimed_at) for row in rows]
+
+
 async def first_unclaimed_serial(session: AsyncSession, owner: str) -> Serial | None:
     """Any sold serial of `owner` that no job has claimed yet."""
     return (

@@ -422,6 +422,7 @@ async def claim_serial(
                 extra={"serial": serial},
             )
     row.job_id = job_id
+    row.claimed_at = datetime.now(UTC)
     await session.flush()
     return row.serial
 
@@ -431,7 +432,7 @@ async def release_serial(session: AsyncSession, job_id: uuid.UUID) -> str | None
     row = await repo.serial_of_job(session, job_id)
     if row is None or row.state is not SerialState.sold:
         return None
-    row.job_id = None
+    row.job_id = row.claimed_at = row.claim_checked_at = None
     await session.flush()
     return row.serial
 

@@ -44,50 +44,79 @@ class TopicSpec:
     config: dict[str, str] = field(default_factory=dict)
 
 
-async def ensure_topics(bootstrap_servers: str, topics: Iterable[TopicSpec]) -> None:
-    """Create missing topics and grow partitions that are too few; idempotent."""
+async def ensure_topics(
+    bootstrap_servers: str, topics: Iterable[TopicSpec], *, replace_smaller: bool = False
+) -> None:
+    """Create missing topics and grow partitions that are too few; idempotent.
+
+    Some Kafka-protocol brokers (the embedded one) cannot grow a topic, and create any topic a
+    client asks about with their default partition count. With `replace_smaller`, a topic with
+    too few partitions that cannot be grown is deleted and created again: only for a broker that
+    has just come back empty, where a client raced the topic creation and whatever the topic holds
+    is published again anyway. Otherwise keys would go to partitions the consumers never see.
+    """
+    wanted = {spec.name: spec for spec in topics}
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="meterai-admin")
     await admin.start()
     try:
-        wanted = {spec.name: spec for spec in topics}
-        # List before describing: describing a missing topic makes brokers with topic
-        # auto-creation create it with their default partition count.
-        present = set(await admin.list_topics()) & set(wanted)
-        current = {
-            meta["topic"]: len(meta.get("partitions", []))
-            for meta in (await admin.describe_topics(sorted(present)) if present else [])
-            if meta.get("error_code", 0) == 0
-        }
-        missing = [spec for name, spec in wanted.items() if name not in current]
-        if missing:
+        for _ in range(5):
+            current = await _partition_counts(admin, wanted)
+            await _create_missing(admin, [s for n, s in wanted.items() if n not in current])
+            smaller = {
+                name: spec.partitions
+                for name, spec in wanted.items()
+                if 0 < current.get(name, spec.partitions) < spec.partitions
+            }
+            if not smaller:
+                return
             try:
-                await admin.create_topics(
-                    [
-                        NewTopic(
-                            name=spec.name,
-                            num_partitions=spec.partitions,
-                            replication_factor=spec.replication_factor,
-                            topic_configs=spec.config,
-                        )
-                        for spec in missing
-                    ]
+                await admin.create_partitions(
+                    {name: NewPartitions(total_count=count) for name, count in smaller.items()}
                 )
-            except TopicAlreadyExistsError:
-                pass  # another replica won the race
-        grow = {
-            name: NewPartitions(total_count=spec.partitions)
-            for name, spec in wanted.items()
-            if 0 < current.get(name, spec.partitions) < spec.partitions
-        }
-        if grow:
-            try:
-                await admin.create_partitions(grow)
+                return
             except IncompatibleBrokerVersion:
-                # Some Kafka-protocol brokers (the embedded one) cannot grow topics; more
-                # consumers than partitions then sit idle, which is worth a loud warning.
-                log.warning("cannot_grow_partitions", topics=sorted(grow))
+                if not replace_smaller:
+                    # More consumers than partitions then sit idle: worth a loud warning.
+                    log.warning("cannot_grow_partitions", topics=sorted(smaller))
+                    return
+            log.warning("replacing_topics_with_too_few_partitions", topics=smaller)
+            await admin.delete_topics(sorted(smaller))
+            await _create_missing(admin, [wanted[name] for name in smaller])
+        log.error("topics_still_have_too_few_partitions", topics=sorted(wanted))
     finally:
         await admin.close()
+
+
+async def _partition_counts(
+    admin: AIOKafkaAdminClient, wanted: dict[str, TopicSpec]
+) -> dict[str, int]:
+    # List before describing: describing a missing topic makes brokers with topic
+    # auto-creation create it with their default partition count.
+    present = set(await admin.list_topics()) & set(wanted)
+    return {
+        meta["topic"]: len(meta.get("partitions", []))
+        for meta in (await admin.describe_topics(sorted(present)) if present else [])
+        if meta.get("error_code", 0) == 0
+    }
+
+
+async def _create_missing(admin: AIOKafkaAdminClient, missing: list[TopicSpec]) -> None:
+    if not missing:
+        return
+    try:
+        await admin.create_topics(
+            [
+                NewTopic(
+                    name=spec.name,
+                    num_partitions=spec.partitions,
+                    replication_factor=spec.replication_factor,
+                    topic_configs=spec.config,
+                )
+                for spec in missing
+            ]
+        )
+    except TopicAlreadyExistsError:
+        pass  # another replica won the race
 
 
 def create_producer(bootstrap_servers: str, *, client_id: str) -> AIOKafkaProducer:

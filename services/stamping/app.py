@@ -26,6 +26,7 @@ from services.stamping.callbacks import CallbackSender, RetryPolicy
 from services.stamping.callbacks_router import router as callbacks_router
 from services.stamping.config import StampingSettings
 from services.stamping.inventory_client import InventoryClient
+from services.stamping.outcomes import internal as outcomes_internal
 from services.stamping.relay import OutboxRelay
 from services.stamping.router import router
 from services.stamping.verification import StampVerifier, load_trust_roots
@@ -147,5 +148,5 @@ def create_app(settings: StampingSettings | None = None) -> FastAPI:
         title="Meterai stamping",
         settings=settings,
         lifespan=lifespan,
-        routers=[router, verify_router, callbacks_router, backlog_internal],
+        routers=[router, verify_router, callbacks_router, backlog_internal, outcomes_internal],
     )

@@ -142,6 +142,24 @@ async def test_ensure_topics_survives_a_broker_that_cannot_grow_partitions(
     assert (await partition_counts(bootstrap, [topic]))[topic] in (1, 4)
 
 
+async def test_after_a_broker_loss_a_topic_a_client_made_first_is_replaced_with_enough_partitions(
+    bootstrap: str,
+) -> None:
+    # A producer asks about the topic before it was created again: the embedded broker makes it
+    # with its default partition count, fewer than wanted, and cannot grow it.
+    topic = unique("raced")
+    producer = create_producer(bootstrap, client_id="platform-tests")
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, b"early", key=b"k")
+    finally:
+        await producer.stop()
+    auto_created = (await partition_counts(bootstrap, [topic]))[topic]
+    wanted = auto_created + 3
+    await ensure_topics(bootstrap, [TopicSpec(topic, wanted)], replace_smaller=True)
+    assert await partition_counts(bootstrap, [topic]) == {topic: wanted}
+
+
 async def test_messages_from_create_producer_carry_their_headers(bootstrap: str) -> None:
     topic = unique("headers")
     await ensure_topics(bootstrap, [TopicSpec(topic, 1)])

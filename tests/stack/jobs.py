@@ -32,6 +32,7 @@ from typing import Any
 import asyncpg
 import httpx
 import psutil
+from aiokafka.admin import AIOKafkaAdminClient
 
 from tests.harness import wait_for
 from tests.pdfs import make_pdf
@@ -118,6 +119,15 @@ class StackProbe:
             env["METERAI_INVENTORY_DATABASE_URL"], min_size=1, max_size=2
         )
         return probe
+
+    async def partition_counts(self, topics: list[str]) -> dict[str, int]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.env["METERAI_KAFKA_BOOTSTRAP_SERVERS"])
+        await admin.start()
+        try:
+            described = await admin.describe_topics(topics)
+        finally:
+            await admin.close()
+        return {meta["topic"]: len(meta["partitions"]) for meta in described}
 
     async def close(self) -> None:
         for pool in (self.stamping, self.inventory):

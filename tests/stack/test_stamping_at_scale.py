@@ -5,6 +5,7 @@ worker is asked to stop: every job ends `done`, stamped exactly once (see tests.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 import signal
@@ -20,6 +21,7 @@ import psutil
 import pytest
 
 from services.platform.embedded import free_port_range
+from services.stamping.config import StampingSettings
 from tests.harness import wait_for
 from tests.stack.jobs import StackProbe, Uploads, validate_pdfs
 from tests.stack.running import meterai_up
@@ -37,6 +39,9 @@ STACK_ENV = {
     "METERAI_STAMPING_WORKER_GRACE_SECONDS": str(GRACE_SECONDS),
     "METERAI_GATEWAY_DISTRIBUTOR_RATE_PER_SECOND": "100000",
     "METERAI_GATEWAY_DISTRIBUTOR_BURST": "100000",
+    # Inventory asks stamping about claims still open after this long (the default is minutes).
+    "METERAI_INVENTORY_CLAIM_CHECK_AFTER_SECONDS": "15",
+    "METERAI_INVENTORY_CLAIM_CHECK_INTERVAL_SECONDS": "5",
 }
 
 
@@ -58,7 +63,10 @@ async def up() -> AsyncIterator[StackProbe]:
             finally:
                 await probe.close()
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if os.environ.get("METERAI_KEEP_TEST_STACK"):
+            print(f"stack data kept in {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def figures(label: str, **values: object) -> None:
@@ -179,6 +187,12 @@ async def test_the_broker_forgetting_everything_mid_run_loses_no_job_and_no_resu
     verdict = await up.check_stamped_exactly_once(buyer, jobs)
     assert not verdict.unfinished_writes
     assert restarted.is_running()
+    # The topics came back with all their partitions, even where a client made one first.
+    settings = StampingSettings()
+    assert await up.partition_counts([settings.requests_topic, settings.results_topic]) == {
+        settings.requests_topic: settings.requests_partitions,
+        settings.results_topic: settings.results_partitions,
+    }
     (replayed,) = re.findall(r"kafka restarted empty: (.*)", up.log_text())
     settled = re.findall(r"kafka restarted \d+ s ago: (.*)", up.log_text())
     figures(
@@ -187,6 +201,7 @@ async def test_the_broker_forgetting_everything_mid_run_loses_no_job_and_no_resu
         uploads_retried_after_503=uploads.retried,
         replayed=replayed,
         replayed_again=settled,
+        claims_settled_by_asking_stamping=up.log_text().count('"claim_settled"'),
         queued_when_broker_died=at_stop["queued"],
         done_when_broker_back=done_at_restart,
         broker_back_after_s=round(back_after, 1),
@@ -197,9 +212,10 @@ async def test_the_broker_forgetting_everything_mid_run_loses_no_job_and_no_resu
 async def test_a_worker_paused_past_its_lease_cannot_replace_what_another_recorded(
     up: StackProbe,
 ) -> None:
-    buyer = await up.distributor(40)
+    # Enough jobs that both workers are still busy when the freezing starts.
+    buyer = await up.distributor(120)
     uploads = Uploads()
-    uploading = asyncio.create_task(up.upload(buyer, 40, uploads))
+    uploading = asyncio.create_task(up.upload(buyer, 120, uploads))
     await wait_for(lambda: _at_least(up, uploads, accepted=20, done=5), within=120)
 
     # signer-2 freezes mid-job (a long GC pause, a stalled VM) and stays frozen past its lease
