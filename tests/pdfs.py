@@ -7,6 +7,7 @@ from io import BytesIO
 from pyhanko.pdf_utils import generic
 from pyhanko.pdf_utils.font.basic import get_courier
 from pyhanko.pdf_utils.generic import pdf_name
+from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
 from pyhanko.pdf_utils.writer import PageObject, PdfFileWriter
 
 A4 = (595.28, 841.89)
@@ -48,6 +49,20 @@ def make_pdf(
         writer.insert_page(page)
     if user_password is not None:
         writer.encrypt(user_password, user_password)
+    out = BytesIO()
+    writer.write(out)
+    return out.getvalue()
+
+
+def changed_page(document: bytes) -> bytes:
+    """The document with an incremental update that replaces the first page's content."""
+    writer = IncrementalPdfFileWriter(BytesIO(document))
+    page_ref, _ = writer.find_page_for_modification(0)
+    page = page_ref.get_object()
+    page["/Contents"] = writer.add_object(
+        generic.StreamObject(stream_data=b"BT /F1 14 Tf 72 500 Td (Paid in full) Tj ET")
+    )
+    writer.update_container(page)
     out = BytesIO()
     writer.write(out)
     return out.getvalue()

@@ -116,8 +116,9 @@ class _LoadedKeyTimeStamper(DummyTimeStamper):
 
 
 @contextmanager
-def local_tsa() -> Iterator[LocalTsa]:
-    """Run a timestamp authority on 127.0.0.1 in a thread of its own until the block ends."""
+def local_tsa(delay_seconds: float = 0.0) -> Iterator[LocalTsa]:
+    """Run a timestamp authority on 127.0.0.1 in a thread of its own until the block ends;
+    each answer takes at least `delay_seconds` (as a remote one does)."""
     tsa_cert, tsa_key, root = _tsa_credentials()
     key_info = tsa_key.private_bytes(
         serialization.Encoding.DER,
@@ -136,6 +137,8 @@ def local_tsa() -> Iterator[LocalTsa]:
         if request.content_type != "application/timestamp-query":
             return web.Response(status=415)
         query = tsp.TimeStampReq.load(await request.read())
+        if delay_seconds:
+            await asyncio.sleep(delay_seconds)
         reply = stamper.request_tsa_response(query)
         served.append(1)
         return web.Response(body=reply.dump(), content_type="application/timestamp-reply")

@@ -21,6 +21,7 @@ from services.platform.http import ServiceClient, create_http_client
 from services.platform.identity import Principal, PrincipalKind
 from services.platform.kafka import check_kafka, create_producer
 from services.stamping import repository as repo
+from services.stamping.backlog import BacklogGuard
 from services.stamping.backlog import internal as backlog_internal
 from services.stamping.callbacks import CallbackSender, RetryPolicy
 from services.stamping.callbacks_router import router as callbacks_router
@@ -103,6 +104,13 @@ def create_app(settings: StampingSettings | None = None) -> FastAPI:
             republish_max_interval=settings.republish_max_interval_seconds,
         )
         relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
+        app.state.backlog_guard = guard = BacklogGuard(
+            sessionmaker,
+            limit=settings.max_backlog_jobs,
+            refresh_seconds=settings.backlog_refresh_seconds,
+        )
+        await guard.read()
+        guard_task = asyncio.create_task(guard.run(), name="backlog-guard")
         app.state.verifier = verifier = load_verifier(settings)
         app.state.verify_gate = VerificationGate(
             settings.verify_concurrency, settings.verify_queue_limit
@@ -132,6 +140,9 @@ def create_app(settings: StampingSettings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            guard_task.cancel()
+            with suppress(asyncio.CancelledError):
+                await guard_task
             relay.stop()
             callbacks.stop()
             with suppress(asyncio.CancelledError):

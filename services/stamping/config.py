@@ -33,6 +33,11 @@ class StampingSettings(ServiceSettings):
     worker_group: str = "signing-workers"
 
     max_upload_bytes: int = 20 * 1024 * 1024
+    # Uploads are refused (503 `backlog_full`, with Retry-After) while this many jobs are
+    # unfinished, so that an accepted document is stamped soon (0: no bound). The count is
+    # read every `backlog_refresh_seconds`.
+    max_backlog_jobs: int = 20_000
+    backlog_refresh_seconds: float = 0.5
     # CPU time reading one document may take, at upload and again when signing (hostile
     # documents are refused as `too_complex`); as signing.DEFAULT_CPU_BUDGET_SECONDS.
     document_cpu_budget_seconds: float = 3.0

@@ -20,6 +20,7 @@ from services.platform.idempotency import IdempotencyKey
 from services.platform.identity import CurrentPrincipal, Principal
 from services.stamping import repository as repo
 from services.stamping import service
+from services.stamping.backlog import BacklogGuard
 from services.stamping.config import StampingSettings
 from services.stamping.models import JobStatus, StampingJob
 from services.stamping.schemas import STAMPING_FORM_SCHEMA, Box, StampingError, StampingOut
@@ -216,6 +217,7 @@ def _callback_field(form: FormData) -> str | None:
     responses={
         409: {"description": "`serial_unavailable` or `no_unused_serial`"},
         413: {"description": "`payload_too_large`"},
+        503: {"description": "`backlog_full`: more documents wait than are stamped soon"},
         415: {"description": "`not_pdf` or `unsupported_media_type`"},
         422: {
             "description": "`invalid_pdf`, `encrypted_pdf`, `certified_no_changes`, "
@@ -236,6 +238,9 @@ async def create_stamping(
     settings = _settings(request)
     order = await _read_order(request, settings)
     state = request.app.state
+    # After the body was read (the connection stays usable), before the costly checks.
+    guard: BacklogGuard = state.backlog_guard
+    guard.check()
     accepted = await service.accept(
         sessionmaker=state.sessionmaker,
         blobs=state.blobs,
@@ -249,6 +254,8 @@ async def create_stamping(
         republish_after_seconds=settings.republish_after_seconds,
     )
     state.relay.wake()
+    if accepted.job is not None:
+        guard.accepted()
     if accepted.replay is not None:
         body, status, replayed = accepted.replay.body, accepted.replay.status_code, True
     else:

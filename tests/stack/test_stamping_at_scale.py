@@ -13,16 +13,19 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import httpx
 import psutil
 import pytest
 
 from services.platform.embedded import free_port_range
 from services.stamping.config import StampingSettings
 from tests.harness import wait_for
+from tests.pdfs import changed_page
 from tests.stack.jobs import StackProbe, Uploads, validate_pdfs
 from tests.stack.running import meterai_up
 
@@ -95,6 +98,7 @@ async def test_200_jobs_over_two_workers_are_each_stamped_once_and_validate(
     # Every output, as the distributor downloads it, passes the independent validators.
     async with buyer.client(up.gateway) as api:
         gate = asyncio.Semaphore(8)
+        downloaded: dict[uuid.UUID, bytes] = {}
 
         async def download(job_id: uuid.UUID) -> Path:
             async with gate:
@@ -102,21 +106,64 @@ async def test_200_jobs_over_two_workers_are_each_stamped_once_and_validate(
             assert response.status_code == 200, response.text
             path = tmp_path / f"{job_id}.pdf"
             path.write_bytes(response.content)
+            downloaded[job_id] = response.content
             return path
 
         paths = await asyncio.gather(*(download(job_id) for job_id in jobs))
     validating = time.monotonic()
     problems = await validate_pdfs(paths)
     assert not problems, "\n".join(problems[:5])
-    # Verification of each serial (the verification routes, another change) belongs here:
-    # every serial of `buyer.serials` must verify as affixed to its job's document.
+    validated = time.monotonic() - validating
+
+    # Anyone can verify: every serial is on record as stamped with its document's digest, and
+    # every document, uploaded to /api/v1/verify, carries its own job's serial intact.
+    checking = time.monotonic()
+    jobs_by_id = await up.jobs(jobs)
+    async with httpx.AsyncClient(base_url=up.gateway, timeout=60) as public:
+        gate = asyncio.Semaphore(4)
+
+        async def check(job_id: uuid.UUID) -> None:
+            job = jobs_by_id[job_id]
+            async with gate:
+                record = await _retrying(
+                    public.get,
+                    f"/verify/{job['serial']}",
+                    headers={"Accept": "application/json"},
+                )
+                verdict = await _retrying(
+                    public.post,
+                    "/api/v1/verify",
+                    files={"file": ("doc.pdf", downloaded[job_id], "application/pdf")},
+                )
+            assert record.status_code == 200, record.text
+            assert record.json()["state"] == "stamped"
+            assert record.json()["sha256"] == job["output_sha256"]
+            assert verdict.status_code == 200, verdict.text
+            body = verdict.json()
+            assert (body["verdict"], body["serial"]) == ("valid", job["serial"]), body
+            assert body["changed_after_stamping"] is False
+
+        await asyncio.gather(*(check(job_id) for job_id in jobs))
+
+        # Copies changed after stamping are flagged, not passed as stamped.
+        for document in list(downloaded.values())[:5]:
+            for copy in (changed_page(document), document + b"\n% appended\n"):
+                answer = await _retrying(
+                    public.post,
+                    "/api/v1/verify",
+                    files={"file": ("copy.pdf", copy, "application/pdf")},
+                )
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["verdict"] == "modified", answer.json()
+                assert answer.json()["changed_after_stamping"] is True
     figures(
         "200 jobs",
         upload_s=round(uploaded, 1),
         uploads_retried_after_503=uploads.retried,
         all_done_s=round(finished, 1),
         per_worker=by_worker,
-        validate_s=round(time.monotonic() - validating, 1),
+        validate_s=round(validated, 1),
+        verify_200_serials_and_documents_s=round(time.monotonic() - checking, 1),
     )
 
 
@@ -309,6 +356,19 @@ async def test_sigterm_finishes_in_flight_jobs_then_exits_within_the_grace_perio
         signed_afterwards_by_signer_1=taken_over,
         signed_afterwards_by_the_replacement=after_stop["signer-2"],
     )
+
+
+async def _retrying(
+    send: Callable[..., Awaitable[httpx.Response]], url: str, **kwargs: Any
+) -> httpx.Response:
+    """As a client would: a shed (503) or limited (429) request is sent again after its
+    Retry-After."""
+    for _ in range(20):
+        response = await send(url, **kwargs)
+        if response.status_code not in (429, 503):
+            return response
+        await asyncio.sleep(min(float(response.headers.get("Retry-After", "1")), 2.0))
+    return response
 
 
 async def _at_least(up: StackProbe, uploads: Uploads, *, accepted: int = 0, done: int = 0) -> bool:

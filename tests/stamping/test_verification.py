@@ -20,8 +20,7 @@ from pyhanko.sign.timestamps.dummy_client import DummyTimeStamper
 from services.stamping.keys import SigningKeyPaths, create_development_keys
 from services.stamping.signing import StampRequest, StampSigner
 from services.stamping.verification import StampVerifier, Verdict, load_trust_roots
-from tests.pdfs import make_pdf
-from tests.stamping.test_verify import changed_page
+from tests.pdfs import changed_page, make_pdf
 
 FIRST = "2C5NV74I6D0HJ1EZ000DU9"
 SECOND = "9ZYXWV8U7T6S5R4Q3P2O1N"

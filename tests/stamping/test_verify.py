@@ -9,20 +9,17 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from pyhanko.pdf_utils import generic
-from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
 
 from services.stamping.keys import create_development_keys
 from services.stamping.signing import StampRequest, StampSigner
 from services.stamping.verify_page import rupiah, wants_html
 from tests.harness import Infrastructure, ServiceStack, running_stack, wait_for
-from tests.pdfs import make_pdf
+from tests.pdfs import changed_page, make_pdf
 
 BROWSER = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
 UNSOLD_SERIAL = "NOTONOURRECORDS0000001"
@@ -79,20 +76,6 @@ async def verify(client: httpx.AsyncClient, document: bytes, **kwargs: Any) -> h
     return await client.post(
         "/api/v1/verify", files={"file": ("doc.pdf", document, "application/pdf")}, **kwargs
     )
-
-
-def changed_page(document: bytes) -> bytes:
-    """The document with an incremental update that replaces the first page's content."""
-    writer = IncrementalPdfFileWriter(BytesIO(document))
-    page_ref, _ = writer.find_page_for_modification(0)
-    page = page_ref.get_object()
-    page["/Contents"] = writer.add_object(
-        generic.StreamObject(stream_data=b"BT /F1 14 Tf 72 500 Td (Paid in full) Tj ET")
-    )
-    writer.update_container(page)
-    out = BytesIO()
-    writer.write(out)
-    return out.getvalue()
 
 
 async def test_a_stamped_serial_verifies_as_json_and_as_a_page(
