@@ -2,10 +2,9 @@
 (`/queue/page`), the purchase page (`/beli`) and their static files (`/static/...`).
 
 The waiting-room page is the same for everyone (rendered once per language); its script polls
-the JSON routes. The page without JavaScript is rendered from the very same JSON: it calls the
-room's own routes (`GET /queue/status`, `POST /queue/join`) in-process, through ASGI, so it
-shows whatever states and problems the room answers without depending on how the room is
-written.
+the JSON routes. The page without JavaScript is rendered from the very same answers: it calls
+the functions behind those routes (`services.queue.service`) and shows their TicketStatus, or
+the problem document of their refusal, as the JSON routes would send it.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
@@ -21,16 +20,19 @@ from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import urlencode
 
-import httpx
 import jinja2
+import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from services.platform.admission import ADMISSION_COOKIE, AdmissionCodec, InvalidAdmission
-from services.platform.errors import NotFound
-from services.platform.observability import REQUEST_ID_HEADER
+from services.platform.errors import MeteraiError, NotFound, problem_body
+from services.queue import service
 from services.queue.config import QueueSettings
 from services.queue.texts import TEXTS, language
+from services.queue.tickets import Ticket
+
+log = structlog.get_logger(__name__)
 
 pages = APIRouter(tags=["pages"])
 
@@ -50,8 +52,6 @@ _ROOM_CACHE = "public, max-age=30"
 _PRIVATE_CACHE = "no-store"
 _STATIC_CACHE = "public, max-age=31536000, immutable"  # URLs carry the content's hash
 _MEDIA_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
-# What the in-process call to the room passes on from the browser's request.
-_FORWARDED = ("cookie", "user-agent", "accept-language", "x-forwarded-for", REQUEST_ID_HEADER)
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 # Seconds before a page without JavaScript moves on from "it's your turn" to the purchase page.
 _ADMITTED_PAUSE_SECONDS = 3
@@ -184,33 +184,39 @@ class RoomAnswer:
         return None if self.ok or not isinstance(code, str) else code
 
 
-async def _call_room(
-    request: Request, method: str, path: str, *, keep_ticket: bool = True
-) -> RoomAnswer:
-    """Call one of the room's JSON routes in-process, as the browser would over HTTP."""
-    headers = {name: value for name in _FORWARDED if (value := request.headers.get(name))}
-    if not keep_ticket:
-        ticket_cookie = _settings(request).cookie_name
-        kept = "; ".join(f"{k}={v}" for k, v in request.cookies.items() if k != ticket_cookie)
-        headers.pop("cookie", None)
-        if kept:
-            headers["cookie"] = kept
-    headers["accept"] = "application/json"
-    client = (request.client.host, request.client.port) if request.client else ("127.0.0.1", 0)
-    transport = httpx.ASGITransport(app=request.app, raise_app_exceptions=False, client=client)
-    async with httpx.AsyncClient(transport=transport, base_url="http://queue") as http:
-        response = await http.request(method, path, headers=headers)
+async def _ask_room(ask: Awaitable[service.Reply]) -> RoomAnswer:
+    """The room's answer as its JSON routes would send it: a TicketStatus, or the problem
+    document of a refusal or of a failure."""
     try:
-        body = response.json()
-    except ValueError:
-        body = {}
-    retry_after = response.headers.get("retry-after", "")
-    return RoomAnswer(
-        status_code=response.status_code,
-        body=body if isinstance(body, dict) else {},
-        set_cookies=response.headers.get_list("set-cookie"),
-        retry_after=int(retry_after) if retry_after.isdigit() else None,
-    )
+        body, cookies = await ask
+    except MeteraiError as exc:
+        retry_after = exc.headers.get("Retry-After", "")
+        return RoomAnswer(
+            status_code=exc.status,
+            body=problem_body(exc.status, exc.code, exc.title, exc.detail, **exc.extra),
+            set_cookies=[],
+            retry_after=int(retry_after) if retry_after.isdigit() else None,
+        )
+    except Exception as exc:
+        # The page still answers with HTML (and refreshes itself) rather than a bare error.
+        log.exception("room_failed", error=repr(exc))
+        return RoomAnswer(
+            status_code=500,
+            body=problem_body(
+                500,
+                "internal_error",
+                "Internal error",
+                "An unexpected error occurred; it was logged.",
+            ),
+            set_cookies=[],
+            retry_after=None,
+        )
+    return RoomAnswer(status_code=200, body=body, set_cookies=cookies, retry_after=None)
+
+
+def _ticket(request: Request) -> Ticket | None:
+    """The browser's ticket (the pages read the cookie only: browsers send no headers)."""
+    return service.read_ticket(request.app, request.cookies.get(_settings(request).cookie_name))
 
 
 def _settings(request: Request) -> QueueSettings:
@@ -293,7 +299,7 @@ async def fallback_page(
     """Where you stand, rendered on the server from the ticket cookie; the page reloads itself
     after `poll_after_seconds` (`<meta http-equiv="refresh">`)."""
     lang = language(lang)
-    answer = await _call_room(request, "GET", "/queue/status")
+    answer = await _ask_room(service.status(request.app, _ticket(request)))
     return status_page(answer, lang, first)
 
 
@@ -302,9 +308,11 @@ async def fallback_join(request: Request, lang: str | None = None) -> Response:
     """Take a place (or keep yours) and go to the status page; a ticket that expired is
     replaced by a new one, at the back of the queue."""
     lang = language(lang)
-    answer = await _call_room(request, "POST", "/queue/join")
-    if answer.code == "ticket_expired":
-        answer = await _call_room(request, "POST", "/queue/join", keep_ticket=False)
+    # A form sends no proof of work: when operators ask for one, the page says so.
+    joining = service.join(
+        request.app, _ticket(request), client_ip=service.client_ip(request.scope), proof=None
+    )
+    answer = await _ask_room(joining)
     if not answer.ok:
         return status_page(answer, lang, None)
     position = int(answer.body.get("position") or 0)

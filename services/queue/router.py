@@ -2,46 +2,29 @@
 
 Join and status carry the surge, so they are served on the lean lane (`join_hot`,
 `status_hot`, registered in `services.queue.app`); the FastAPI routes of the same paths do the
-same through FastAPI (and document them). Status answers from the replica's cached view of the
-room: waiting people cost no network I/O at all.
+same through FastAPI (and document them). Both call `services.queue.service`, which the pages
+without JavaScript call too.
 """
 
 from __future__ import annotations
 
 import json
-import random
-import time
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
-from starlette.requests import cookie_parser
 from starlette.types import Receive, Scope, Send
 
-from services.platform.admission import ADMISSION_COOKIE, AdmissionCodec
 from services.platform.errors import MeteraiError
 from services.platform.identity import CurrentPrincipal, PrincipalKind
-from services.queue.config import QueueSettings
-from services.queue.room import Arrival, Room, RoomView
-from services.queue.tickets import ProofOfWork, Ticket, TicketCodec
+from services.queue import service
+from services.queue.room import RoomView
+from services.queue.service import PROOF_HEADER, TICKET_HEADER, Reply, TicketState
 
 router = APIRouter(tags=["waiting room"])
 ops = APIRouter(tags=["operations"])
-
-TICKET_HEADER = "X-Queue-Ticket"
-PROOF_HEADER = "X-Queue-Proof"
-# Nobody should wait longer than this between two polls (tickets expire after a few misses).
-MAX_POLL_SECONDS = 30.0
-
-
-class TicketState(StrEnum):
-    prequeue = "prequeue"
-    waiting = "waiting"
-    admitted = "admitted"
-    paused = "paused"
 
 
 class TicketStatus(BaseModel):
@@ -60,30 +43,6 @@ class TicketStatus(BaseModel):
     opens_in_seconds: int | None = Field(
         None, description="Before the sale opens: seconds until it does (pre-queue)."
     )
-
-
-class NoTicket(MeteraiError):
-    status = 404
-    code = "no_ticket"
-    title = "No queue ticket"
-
-
-class TicketExpired(MeteraiError):
-    status = 410
-    code = "ticket_expired"
-    title = "Queue ticket expired"
-
-
-class JoinLimited(MeteraiError):
-    status = 429
-    code = "join_limited"
-    title = "Too many joins from your address"
-
-
-class ProofRequired(MeteraiError):
-    status = 428
-    code = "pow_required"
-    title = "Proof of work required"
 
 
 class OpsForbidden(MeteraiError):
@@ -122,22 +81,12 @@ class QueuePatch(BaseModel):
     pow_difficulty: int | None = Field(None, ge=0, le=28)
 
 
-def _settings(app: Any) -> QueueSettings:
-    settings: QueueSettings = app.state.settings
-    return settings
-
-
-def _room(app: Any) -> Room:
-    room: Room = app.state.room
-    return room
-
-
 # The lean lane.
 
 
 async def status_hot(scope: Scope, receive: Receive, send: Send) -> None:
     """`GET /queue/status` on the lean lane (see `status`)."""
-    await _send_json(send, *await _status_of(scope["app"], scope))
+    await _send_json(send, *await _status(scope["app"], scope))
 
 
 async def join_hot(scope: Scope, receive: Receive, send: Send) -> None:
@@ -145,160 +94,17 @@ async def join_hot(scope: Scope, receive: Receive, send: Send) -> None:
     await _send_json(send, *await _join(scope["app"], scope))
 
 
-async def _status_of(app: Any, scope: Scope) -> tuple[dict[str, Any], list[str]]:
-    ticket = _ticket_of(app, scope)
-    if ticket is None:
-        raise NoTicket("Join the queue first (POST /queue/join).")
-    return await _status(app, ticket)
+async def _status(app: Any, scope: Scope) -> Reply:
+    return await service.status(app, service.ticket_of(app, scope))
 
 
-async def _join(app: Any, scope: Scope) -> tuple[dict[str, Any], list[str]]:
-    ticket = _ticket_of(app, scope)
-    cookies: list[str] = []
-    if ticket is not None:
-        try:
-            return await _status(app, ticket)
-        except TicketExpired:
-            ticket = None  # the place lapsed: joining again starts at the back
-    if ticket is None:
-        room = _room(app)
-        difficulty = room.view.config.pow_difficulty
-        if difficulty:
-            _require_proof(app, scope, difficulty)
-        joined = await room.join(Arrival(client_ip=_client_ip(scope)))
-        if joined.limited:
-            window = room.join_limit_window_seconds
-            raise JoinLimited(
-                "Too many joins from your network; wait a little.",
-                headers={"Retry-After": str(window)},
-            )
-        codec: TicketCodec = app.state.ticket_codec
-        if joined.number is not None:
-            ticket = Ticket(number=joined.number)
-            token = codec.issue(joined.number)
-        else:
-            ticket = Ticket(prequeue_id=joined.prequeue_id)
-            token = codec.issue_prequeue(str(joined.prequeue_id))
-        cookies.append(_ticket_cookie(app, token))
-    status, more = await _status(app, ticket)
-    return status, cookies + more
-
-
-async def _status(app: Any, ticket: Ticket) -> tuple[dict[str, Any], list[str]]:
-    room = _room(app)
-    codec: TicketCodec = app.state.ticket_codec
-    view = room.view
-    cookies: list[str] = []
-    number = ticket.number
-    if number is None:
-        opens_at = view.config.opens_at
-        opens_in = None if opens_at is None else opens_at - time.time()
-        if opens_in is not None and opens_in > 0:
-            return _body(
-                TicketState.prequeue,
-                0,
-                None,
-                _jitter(min(MAX_POLL_SECONDS, max(1.0, opens_in / 2))),
-                codec.issue_prequeue(str(ticket.prequeue_id)),
-                opens_in=opens_in,
-            ), cookies
-        number = await room.drawn_number(str(ticket.prequeue_id))
-        if number is None:  # the draw happens within a second of the opening
-            token = codec.issue_prequeue(str(ticket.prequeue_id))
-            return _body(TicketState.prequeue, 0, None, 1.0, token, opens_in=0), cookies
-        cookies.append(_ticket_cookie(app, codec.issue(number)))
-    token = codec.issue(number)
-    if number > view.serving:
-        room.note_seen(number)
-        position = number - view.serving
-        if view.config.paused:
-            # Paused: a resume should reach everyone within seconds, not a whole poll cycle.
-            return _body(TicketState.paused, position, None, _jitter(5.0), token), cookies
-        eta = position / view.expected_rate_per_second()
-        poll = _jitter(min(MAX_POLL_SECONDS, max(2.0, eta / 10)))
-        return _body(TicketState.waiting, position, round(eta), poll, token), cookies
-    if not await room.is_active(number):
-        raise TicketExpired(
-            "Your place lapsed because the page stopped asking for a while; join again."
-        )
-    room.note_seen(number)  # keeps the session active
-    admission_codec: AdmissionCodec = app.state.admission_codec
-    credential = admission_codec.issue(_settings(app).event, number)
-    cookies.append(_cookie(app, ADMISSION_COOKIE, credential, admission_codec.ttl_seconds))
-    poll = _jitter(min(MAX_POLL_SECONDS, admission_codec.ttl_seconds / 3))
-    return _body(TicketState.admitted, 0, 0, poll, token, admission=credential), cookies
-
-
-def _body(
-    state: TicketState,
-    position: int,
-    eta: int | None,
-    poll: float,
-    ticket: str,
-    *,
-    admission: str | None = None,
-    opens_in: float | None = None,
-) -> dict[str, Any]:
-    return {
-        "state": state.value,
-        "position": position,
-        "eta_seconds": eta,
-        "poll_after_seconds": round(poll, 1),
-        "ticket": ticket,
-        "admission_token": admission,
-        "opens_in_seconds": None if opens_in is None else max(0, round(opens_in)),
-    }
-
-
-def _jitter(seconds: float) -> float:
-    # Jitter so that clients do not synchronise their polls.
-    return seconds * random.uniform(0.8, 1.2)  # noqa: S311 - not for security
-
-
-def _ticket_of(app: Any, scope: Scope) -> Ticket | None:
-    codec: TicketCodec = app.state.ticket_codec
-    cookie_name = _settings(app).cookie_name
-    token = None
-    for name, value in scope["headers"]:
-        if name == b"x-queue-ticket":
-            token = value.decode("latin-1")
-            break
-        if name == b"cookie" and token is None:
-            token = cookie_parser(value.decode("latin-1")).get(cookie_name)
-    return codec.read(token) if token else None
-
-
-def _client_ip(scope: Scope) -> str:
-    # Behind the gateway, the last X-Forwarded-For entry is the address the gateway saw.
-    for name, value in scope["headers"]:
-        if name == b"x-forwarded-for":
-            forwarded: str = value.decode("latin-1")
-            return forwarded.rsplit(",", 1)[-1].strip()[:64]
-    client = scope.get("client")
-    return str(client[0]) if client else "unknown"
-
-
-def _require_proof(app: Any, scope: Scope, difficulty: int) -> None:
-    pow_: ProofOfWork = app.state.proof_of_work
-    for name, value in scope["headers"]:
-        if name == PROOF_HEADER.lower().encode() and pow_.check(
-            value.decode("latin-1"), difficulty
-        ):
-            return
-    raise ProofRequired(
-        f"Solve the challenge: find a nonce such that SHA-256 of '<challenge>:<nonce>' starts "
-        f"with {difficulty} zero bits, and send '<challenge>:<nonce>' as {PROOF_HEADER}.",
-        extra={"challenge": pow_.challenge(difficulty), "difficulty": difficulty},
+async def _join(app: Any, scope: Scope) -> Reply:
+    return await service.join(
+        app,
+        service.ticket_of(app, scope),
+        client_ip=service.client_ip(scope),
+        proof=service.proof_of(scope),
     )
-
-
-def _ticket_cookie(app: Any, token: str) -> str:
-    return _cookie(app, _settings(app).cookie_name, token, 24 * 3600)
-
-
-def _cookie(app: Any, name: str, value: str, max_age: int) -> str:
-    secure = "; Secure" if _settings(app).cookie_secure else ""
-    return f"{name}={value}; Max-Age={max_age}; Path=/; HttpOnly; SameSite=Lax{secure}"
 
 
 async def _send_json(send: Send, body: dict[str, Any], cookies: list[str]) -> None:
@@ -352,7 +158,7 @@ async def status(
 ) -> JSONResponse:
     """Position, estimated wait and when to poll again (410 `ticket_expired` if the ticket
     was not polled for too long)."""
-    return _json_response(*await _status_of(request.app, request.scope))
+    return _json_response(*await _status(request.app, request.scope))
 
 
 def _json_response(body: dict[str, Any], cookies: list[str]) -> JSONResponse:
@@ -370,7 +176,7 @@ def _require_operator(kind: PrincipalKind) -> None:
 def _view(request: Request, view: RoomView) -> QueueView:
     config = view.config
     return QueueView(
-        event=_settings(request.app).event,
+        event=service.settings_of(request.app).event,
         length=view.length,
         admitted=view.admitted_total,
         active=view.active,
@@ -390,7 +196,7 @@ def _view(request: Request, view: RoomView) -> QueueView:
 async def get_queue(request: Request, principal: CurrentPrincipal) -> QueueView:
     """Length, admitted, active sessions, rates, and the run-time settings."""
     _require_operator(principal.kind)
-    return _view(request, await _room(request.app).refresh())
+    return _view(request, await service.room_of(request.app).refresh())
 
 
 @ops.patch("/ops/queue", response_model=QueueView, summary="Change admission")
@@ -405,6 +211,6 @@ async def patch_queue(body: QueuePatch, request: Request, principal: CurrentPrin
     }
     if changes.get("opens_at") is not None:
         changes["opens_at"] = changes["opens_at"].timestamp()
-    room = _room(request.app)
+    room = service.room_of(request.app)
     await room.update_config(**changes)
     return _view(request, room.view)

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.exceptions
 
 from services.inventory.models import PurchaseStatus
 from services.queue.pages import RoomAnswer, duration_text, fill, problem_text, status_page
@@ -137,6 +138,45 @@ async def test_without_javascript_the_status_page_shows_the_position_and_admits(
             "It&#39;s not your turn yet" in main(refused.text)
             and 'href="/?lang=en"' in refused.text
         )
+
+
+@pytest.mark.settings(queue={"join_limit_per_ip": 1})
+async def test_without_javascript_the_rooms_refusals_are_explained(stack: ServiceStack) -> None:
+    async with stack.client() as ops, stack.client() as browser, stack.client() as neighbour:
+        await ops.patch("/ops/queue", json={"paused": True, "pow_difficulty": 8}, headers=OPS)
+        # A form cannot solve the proof of work operators ask for: the page says so, and does
+        # not reload itself into the same refusal.
+        refused = await browser.post("/queue/page")
+        assert refused.status_code == 428
+        assert TEXTS["id"]["err_pow_required"] in main(refused.text)
+        assert meta_refresh(refused.text) is None and "set-cookie" not in refused.headers
+
+        await ops.patch("/ops/queue", json={"pow_difficulty": 0}, headers=OPS)
+        joined = await browser.post("/queue/page")
+        assert joined.status_code == 303 and "meterai_ticket=" in joined.headers["set-cookie"]
+        # One join per address here: the next person on the same network is asked to wait,
+        # and the page comes back when the room says to (Retry-After).
+        limited = await neighbour.post("/queue/page?lang=en")
+        assert limited.status_code == 429
+        assert "Too many joins from your network" in main(limited.text)
+        assert meta_refresh(limited.text) == (60, "/queue/page?lang=en")
+        # The one who joined keeps the place.
+        again = await browser.post("/queue/page")
+        assert again.status_code == 303 and again.headers["location"] == joined.headers["location"]
+
+
+async def test_without_javascript_a_failing_room_still_answers_with_a_page(
+    stack: ServiceStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def unreachable(arrival: Any) -> Any:
+        raise redis.exceptions.ConnectionError("Redis is gone")
+
+    monkeypatch.setattr(stack.servers["queue"].app.state.room, "join", unreachable)
+    async with stack.client() as browser:
+        failed = await browser.post("/queue/page")
+    assert failed.status_code == 500 and failed.headers["content-type"].startswith("text/html")
+    assert TEXTS["id"]["err_internal_error"] in main(failed.text)
+    assert meta_refresh(failed.text) == (10, "/queue/page")  # and it tries again by itself
 
 
 def answer(status_code: int, body: dict[str, Any], retry_after: int | None = None) -> RoomAnswer:

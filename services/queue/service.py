@@ -1,0 +1,245 @@
+"""What the waiting room answers a ticket holder: join and status.
+
+The JSON routes (both lanes, `router.py`) and the pages without JavaScript (`pages.py`) call
+these same functions. An answer is a TicketStatus body plus the cookies to set; refusals are
+raised as `MeteraiError`s. Status answers from the replica's cached view of the room, so
+waiting people cost no network I/O at all.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from enum import StrEnum
+from typing import Any
+
+from starlette.requests import cookie_parser
+from starlette.types import Scope
+
+from services.platform.admission import ADMISSION_COOKIE, AdmissionCodec
+from services.platform.errors import MeteraiError
+from services.queue.config import QueueSettings
+from services.queue.room import Arrival, Room
+from services.queue.tickets import ProofOfWork, Ticket, TicketCodec
+
+TICKET_HEADER = "X-Queue-Ticket"
+PROOF_HEADER = "X-Queue-Proof"
+# Nobody should wait longer than this between two polls (tickets expire after a few misses).
+MAX_POLL_SECONDS = 30.0
+
+_TICKET_HEADER = TICKET_HEADER.lower().encode()
+_PROOF_HEADER = PROOF_HEADER.lower().encode()
+
+# A TicketStatus body and the Set-Cookie values that go with it.
+Reply = tuple[dict[str, Any], list[str]]
+
+
+class TicketState(StrEnum):
+    prequeue = "prequeue"
+    waiting = "waiting"
+    admitted = "admitted"
+    paused = "paused"
+
+
+class NoTicket(MeteraiError):
+    status = 404
+    code = "no_ticket"
+    title = "No queue ticket"
+
+
+class TicketExpired(MeteraiError):
+    status = 410
+    code = "ticket_expired"
+    title = "Queue ticket expired"
+
+
+class JoinLimited(MeteraiError):
+    status = 429
+    code = "join_limited"
+    title = "Too many joins from your address"
+
+
+class ProofRequired(MeteraiError):
+    status = 428
+    code = "pow_required"
+    title = "Proof of work required"
+
+
+def settings_of(app: Any) -> QueueSettings:
+    settings: QueueSettings = app.state.settings
+    return settings
+
+
+def room_of(app: Any) -> Room:
+    room: Room = app.state.room
+    return room
+
+
+async def status(app: Any, ticket: Ticket | None) -> Reply:
+    """Where `ticket` stands: position, estimated wait, when to poll again, and once admitted
+    the admission credential (renewed on every poll while the session is active)."""
+    if ticket is None:
+        raise NoTicket("Join the queue first (POST /queue/join).")
+    return await _status(app, ticket)
+
+
+async def join(app: Any, ticket: Ticket | None, *, client_ip: str, proof: str | None) -> Reply:
+    """A place in the queue, or the status of `ticket` if it still holds one (a refresh or a
+    second tab keeps the place; an expired ticket joins again, at the back)."""
+    cookies: list[str] = []
+    if ticket is not None:
+        try:
+            return await _status(app, ticket)
+        except TicketExpired:
+            ticket = None  # the place lapsed: joining again starts at the back
+    if ticket is None:
+        room = room_of(app)
+        difficulty = room.view.config.pow_difficulty
+        if difficulty:
+            _require_proof(app, proof, difficulty)
+        joined = await room.join(Arrival(client_ip=client_ip))
+        if joined.limited:
+            window = room.join_limit_window_seconds
+            raise JoinLimited(
+                "Too many joins from your network; wait a little.",
+                headers={"Retry-After": str(window)},
+            )
+        codec: TicketCodec = app.state.ticket_codec
+        if joined.number is not None:
+            ticket = Ticket(number=joined.number)
+            token = codec.issue(joined.number)
+        else:
+            ticket = Ticket(prequeue_id=joined.prequeue_id)
+            token = codec.issue_prequeue(str(joined.prequeue_id))
+        cookies.append(_ticket_cookie(app, token))
+    body, more = await _status(app, ticket)
+    return body, cookies + more
+
+
+async def _status(app: Any, ticket: Ticket) -> Reply:
+    room = room_of(app)
+    codec: TicketCodec = app.state.ticket_codec
+    view = room.view
+    cookies: list[str] = []
+    number = ticket.number
+    if number is None:
+        opens_at = view.config.opens_at
+        opens_in = None if opens_at is None else opens_at - time.time()
+        if opens_in is not None and opens_in > 0:
+            return _body(
+                TicketState.prequeue,
+                0,
+                None,
+                _jitter(min(MAX_POLL_SECONDS, max(1.0, opens_in / 2))),
+                codec.issue_prequeue(str(ticket.prequeue_id)),
+                opens_in=opens_in,
+            ), cookies
+        number = await room.drawn_number(str(ticket.prequeue_id))
+        if number is None:  # the draw happens within a second of the opening
+            token = codec.issue_prequeue(str(ticket.prequeue_id))
+            return _body(TicketState.prequeue, 0, None, 1.0, token, opens_in=0), cookies
+        cookies.append(_ticket_cookie(app, codec.issue(number)))
+    token = codec.issue(number)
+    if number > view.serving:
+        room.note_seen(number)
+        position = number - view.serving
+        if view.config.paused:
+            # Paused: a resume should reach everyone within seconds, not a whole poll cycle.
+            return _body(TicketState.paused, position, None, _jitter(5.0), token), cookies
+        eta = position / view.expected_rate_per_second()
+        poll = _jitter(min(MAX_POLL_SECONDS, max(2.0, eta / 10)))
+        return _body(TicketState.waiting, position, round(eta), poll, token), cookies
+    if not await room.is_active(number):
+        raise TicketExpired(
+            "Your place lapsed because the page stopped asking for a while; join again."
+        )
+    room.note_seen(number)  # keeps the session active
+    admission_codec: AdmissionCodec = app.state.admission_codec
+    credential = admission_codec.issue(settings_of(app).event, number)
+    cookies.append(_cookie(app, ADMISSION_COOKIE, credential, admission_codec.ttl_seconds))
+    poll = _jitter(min(MAX_POLL_SECONDS, admission_codec.ttl_seconds / 3))
+    return _body(TicketState.admitted, 0, 0, poll, token, admission=credential), cookies
+
+
+def _body(
+    state: TicketState,
+    position: int,
+    eta: int | None,
+    poll: float,
+    ticket: str,
+    *,
+    admission: str | None = None,
+    opens_in: float | None = None,
+) -> dict[str, Any]:
+    return {
+        "state": state.value,
+        "position": position,
+        "eta_seconds": eta,
+        "poll_after_seconds": round(poll, 1),
+        "ticket": ticket,
+        "admission_token": admission,
+        "opens_in_seconds": None if opens_in is None else max(0, round(opens_in)),
+    }
+
+
+def _jitter(seconds: float) -> float:
+    # Jitter so that clients do not synchronise their polls.
+    return seconds * random.uniform(0.8, 1.2)  # noqa: S311 - not for security
+
+
+def read_ticket(app: Any, token: str | None) -> Ticket | None:
+    """The ticket in `token` (a header or cookie value), or None for none or a bad one."""
+    codec: TicketCodec = app.state.ticket_codec
+    return codec.read(token) if token else None
+
+
+def ticket_of(app: Any, scope: Scope) -> Ticket | None:
+    """The caller's ticket: the `X-Queue-Ticket` header, else the ticket cookie."""
+    cookie_name = settings_of(app).cookie_name
+    token = None
+    for name, value in scope["headers"]:
+        if name == _TICKET_HEADER:
+            token = value.decode("latin-1")
+            break
+        if name == b"cookie" and token is None:
+            token = cookie_parser(value.decode("latin-1")).get(cookie_name)
+    return read_ticket(app, token)
+
+
+def proof_of(scope: Scope) -> str | None:
+    """The proof of work the caller sent (`X-Queue-Proof`), if any."""
+    for name, value in scope["headers"]:
+        if name == _PROOF_HEADER:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def client_ip(scope: Scope) -> str:
+    """The caller's address: behind the gateway, the last X-Forwarded-For entry (the address
+    the gateway saw)."""
+    for name, value in scope["headers"]:
+        if name == b"x-forwarded-for":
+            forwarded: str = value.decode("latin-1")
+            return forwarded.rsplit(",", 1)[-1].strip()[:64]
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+def _require_proof(app: Any, proof: str | None, difficulty: int) -> None:
+    pow_: ProofOfWork = app.state.proof_of_work
+    if proof is not None and pow_.check(proof, difficulty):
+        return
+    raise ProofRequired(
+        f"Solve the challenge: find a nonce such that SHA-256 of '<challenge>:<nonce>' starts "
+        f"with {difficulty} zero bits, and send '<challenge>:<nonce>' as {PROOF_HEADER}.",
+        extra={"challenge": pow_.challenge(difficulty), "difficulty": difficulty},
+    )
+
+
+def _ticket_cookie(app: Any, token: str) -> str:
+    return _cookie(app, settings_of(app).cookie_name, token, 24 * 3600)
+
+
+def _cookie(app: Any, name: str, value: str, max_age: int) -> str:
+    secure = "; Secure" if settings_of(app).cookie_secure else ""
+    return f"{name}={value}; Max-Age={max_age}; Path=/; HttpOnly; SameSite=Lax{secure}"
