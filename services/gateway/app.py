@@ -62,6 +62,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 Principal(PrincipalKind.service, "gateway"),
             ),
             ttl_seconds=settings.auth_cache_seconds,
+            stale_seconds=settings.auth_stale_seconds,
         )
         app.state.admission_codec = AdmissionCodec(settings.admission_secret.get_secret_value())
         app.state.openapi_document = None

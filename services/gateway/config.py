@@ -33,6 +33,8 @@ class GatewaySettings(ServiceSettings):
     # How long a verified API key (or a refusal) is remembered: revocation takes effect
     # within this many seconds.
     auth_cache_seconds: float = 5.0
+    # A known key's last answer keeps serving this long while inventory cannot be asked.
+    auth_stale_seconds: float = 60.0
     upstream_timeout_seconds: float = 30.0
     max_body_bytes: int = 21 * 1024 * 1024
     # Browsers on these origins (distributors' web apps) may call the API; empty: none.
