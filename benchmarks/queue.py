@@ -12,10 +12,16 @@ for reference, through the gateway (one more HTTP hop, as applicants reach it).
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import os
+import time
+from typing import Any
 
 import httpx
+from fastapi import FastAPI
 
-from benchmarks.common import WrkResult, hello_world, meterai_up, wrk
+from benchmarks.common import HELLO_APP, WrkResult, hello_world, meterai_up, wrk
 
 JOIN_SCRIPT = 'wrk.method = "POST"\n'
 STATUS_SCRIPT = 'wrk.headers["X-Queue-Ticket"] = "%s"\n'
@@ -45,6 +51,9 @@ def main() -> None:
             "status (through gateway)": run(f"{stack.gateway}/queue/status", status_script),
             "join (through gateway)": run(f"{stack.gateway}/queue/join", JOIN_SCRIPT),
         }
+        service_env = json.loads((stack.data_dir / "stack.json").read_text())["env"]
+        # Configured as the services were (log level, join limit...).
+        costs = asyncio.run(app_costs({**service_env, **stack.env}, ticket))
 
     print()
     print(f"Waiting room, {args.connections} connections, {args.seconds} s each")
@@ -55,6 +64,73 @@ def main() -> None:
     status = results["status (queue service)"].requests_per_second / floor.requests_per_second
     join = results["join (queue service)"].requests_per_second / floor.requests_per_second
     print(f"goal: status >= 2x floor ({status:.2f}x), join >= 1x floor ({join:.2f}x)")
+    print()
+    print("The same requests without an HTTP server (the app's own cost, in this process):")
+    hello_us = costs["hello"]
+    for label, micros in costs.items():
+        print(f"  {label:<8} {micros:6.1f} us per request   {hello_us / micros:5.2f}x cheaper")
+
+
+def _scope(method: str, path: str, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"127.0.0.1"), *headers],
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 8001),
+    }
+
+
+async def _per_request_us(app: Any, scope: dict[str, Any], state: Any, count: int) -> float:
+    """Microseconds of CPU per request through the ASGI app alone (no server, no socket)."""
+    statuses: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    for _ in range(200):  # warm-up
+        await app({**scope, "state": dict(state or {})}, receive, send)
+    assert set(statuses) == {200}, statuses  # noqa: S101 - a benchmark of failures is useless
+    started = time.process_time()
+    for _ in range(count):
+        await app({**scope, "state": dict(state or {})}, receive, send)
+    return 1e6 * (time.process_time() - started) / count
+
+
+async def app_costs(
+    service_env: dict[str, str], ticket: str, count: int = 20_000
+) -> dict[str, float]:
+    """The hello world, status and join apps called directly, in this process."""
+    namespace: dict[str, Any] = {}
+    exec(HELLO_APP, namespace)  # noqa: S102 - our own constant
+    hello: FastAPI = namespace["app"]
+    os.environ.update(service_env)
+    from services.queue.app import create_app  # noqa: PLC0415 - after the environment is set
+
+    queue = create_app()
+    async with hello.router.lifespan_context(hello) as hello_state:
+        hello_scope = _scope("GET", "/hello", [])
+        costs = {"hello": await _per_request_us(hello, hello_scope, hello_state, count)}
+    async with queue.router.lifespan_context(queue) as queue_state:
+        ticket_header = [(b"x-queue-ticket", ticket.encode())]
+        costs["status"] = await _per_request_us(
+            queue, _scope("GET", "/queue/status", ticket_header), queue_state, count
+        )
+        costs["join"] = await _per_request_us(
+            queue, _scope("POST", "/queue/join", []), queue_state, count // 4
+        )
+    return costs
 
 
 if __name__ == "__main__":
