@@ -168,4 +168,5 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             limits=limits,
         )
         app.add_hot_route(route.method, route.path, Forwarder(route, guards))
+    app.sample_access_log("/queue/status", settings.status_access_log_sample)
     return app

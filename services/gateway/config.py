@@ -36,6 +36,9 @@ class GatewaySettings(ServiceSettings):
     # A known key's last answer keeps serving this long while inventory cannot be asked.
     auth_stale_seconds: float = 60.0
     upstream_timeout_seconds: float = 30.0
+    # Share of quick, successful waiting-room polls written to the access log (all are counted
+    # in the metrics; errors and slow answers are always logged).
+    status_access_log_sample: float = 0.01
     max_body_bytes: int = 21 * 1024 * 1024
     # Browsers on these origins (distributors' web apps) may call the API; empty: none.
     cors_allow_origins: list[str] = Field(default_factory=list)

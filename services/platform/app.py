@@ -59,6 +59,14 @@ class ServiceApp(FastAPI):
         self._hot_templated: list[HotRoute] = []
         self._hot_lane = ObservabilityMiddleware(self._serve_hot, service=service)
         self._edge: ASGIApp = self._dispatch
+        # Route template -> share of its quick successes written to the access log.
+        self.access_log_sampling: dict[str, float] = {}
+
+    def sample_access_log(self, route: str, rate: float) -> None:
+        """Write only about `rate` of the access-log lines of `route`'s quick successes (polls
+        that millions repeat); its errors and slow answers are always written, and its
+        metrics always count every request."""
+        self.access_log_sampling[route] = min(1.0, max(0.0, rate))
 
     def add_hot_route(self, method: str, path: str, endpoint: ASGIApp) -> None:
         """Serve `method path` (a Starlette path template) with the ASGI `endpoint`; path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import re
 import sys
 import time
@@ -149,7 +150,7 @@ class ObservabilityMiddleware:
             method = scope["method"]
             self.metrics.requests.labels(method, route, str(status)).inc()
             self.metrics.duration.labels(method, route).observe(elapsed)
-            if route not in _QUIET_ROUTES:
+            if route not in _QUIET_ROUTES and _logged(scope, route, status, elapsed):
                 self.log.info(
                     "request",
                     method=method,
@@ -161,6 +162,16 @@ class ObservabilityMiddleware:
 
 
 _QUIET_ROUTES = frozenset({"/metrics", "/livez", "/readyz", "/healthz"})
+# Answers slower than this are always logged, even on sampled routes.
+_SLOW_SECONDS = 1.0
+
+
+def _logged(scope: Scope, route: str, status: int, elapsed: float) -> bool:
+    """Whether this request gets its access-log line (see `ServiceApp.sample_access_log`)."""
+    rate = getattr(scope.get("app"), "access_log_sampling", {}).get(route)
+    if rate is None or status >= 400 or elapsed >= _SLOW_SECONDS:
+        return True
+    return bool(random.random() < rate)  # noqa: S311 - sampling, not security
 
 
 def _incoming_request_id(scope: Scope) -> str | None:

@@ -114,4 +114,5 @@ def create_app(settings: QueueSettings | None = None) -> FastAPI:
     )
     app.add_hot_route("POST", "/queue/join", join_hot)
     app.add_hot_route("GET", "/queue/status", status_hot)
+    app.sample_access_log("/queue/status", settings.status_access_log_sample)
     return app

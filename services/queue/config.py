@@ -46,6 +46,9 @@ class QueueSettings(ServiceSettings):
     stamping_url: str = "http://127.0.0.1:8003"
     backlog_target_jobs: int = 2_000
     backlog_target_seconds: float = 120.0
+    # Share of quick, successful status polls written to the access log (all are counted in
+    # the metrics; errors and slow answers are always logged).
+    status_access_log_sample: float = 0.01
     cookie_name: str = "meterai_ticket"
     cookie_secure: bool = False
 

@@ -4,6 +4,8 @@ metrics, access logs and the same problem documents."""
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable
 
 import pytest
 from fastapi import APIRouter
@@ -165,3 +167,66 @@ async def test_edge_middleware_wraps_both_lanes() -> None:
             assert response.headers["x-content-type-options"] == "nosniff"
             assert response.headers["x-frame-options"] == "DENY"
             assert response.headers["strict-transport-security"].startswith("max-age=3600")
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def clear(self) -> None:
+        self.records.clear()
+
+
+async def test_sampled_routes_log_errors_and_a_share_of_successes() -> None:
+    app = service_app("sampled", [router])
+    app.add_hot_route("GET", "/items/{item_id}", hot_item)
+    app.add_hot_route("POST", "/orders", hot_order)
+    caplog = _Lines()
+    access = logging.getLogger("meterai.access")
+    access.addHandler(caplog)
+    level = access.level
+    access.setLevel(logging.INFO)
+
+    def logged(route: str) -> list[int]:
+        return [
+            record.msg["status"]  # type: ignore[index]
+            for record in caplog.records
+            if record.msg["route"] == route  # type: ignore[index]
+        ]
+
+    try:
+        await _sampled(app, caplog, logged)
+    finally:
+        access.removeHandler(caplog)
+        access.setLevel(level)
+
+
+async def _sampled(app: ServiceApp, caplog: _Lines, logged: Callable[[str], list[int]]) -> None:
+    app.sample_access_log("/items/{item_id}", 0.0)
+    async with asgi_client(app, raise_app_exceptions=False) as client:
+        for _ in range(20):
+            assert (await client.get("/items/fine")).status_code == 200
+        assert (await client.get("/items/taken")).status_code == 409
+        assert (await client.get("/items/crash")).status_code == 500
+        assert (await client.post("/orders", json={"quantity": 1})).status_code == 200
+        # Successes of the sampled route are left out; its errors and other routes are not.
+        assert logged("/items/{item_id}") == [409, 500]
+        assert logged("/orders") == [200]
+        counted = sample(
+            (await client.get("/metrics")).text,
+            "meterai_sampled_http_requests_total",
+            method="GET",
+            route="/items/{item_id}",
+            status="200",
+        )
+        assert counted == 20  # the metrics still count every request
+
+        caplog.clear()
+        app.sample_access_log("/items/{item_id}", 0.5)
+        for _ in range(400):
+            await client.get("/items/fine")
+        assert 120 < len(logged("/items/{item_id}")) < 280
