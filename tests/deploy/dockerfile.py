@@ -36,8 +36,8 @@ def stages(path: Path) -> list[Stage]:
         elif keyword == "FROM":
             parts = arguments.split()
             base = re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], parts[0])
-            name = parts[2] if len(parts) == 3 and parts[1].upper() == "AS" else None
-            result.append(Stage(base, name))
+            alias = parts[2] if len(parts) == 3 and parts[1].upper() == "AS" else None
+            result.append(Stage(base, alias))
         else:
             result[-1].instructions.append((keyword, arguments))
     return result

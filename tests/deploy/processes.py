@@ -16,6 +16,7 @@ from pathlib import Path
 from pydantic import AliasChoices
 from pydantic_settings import BaseSettings
 
+from meterai.stack import Endpoints, Stack, StackSettings
 from services.gateway.config import GatewaySettings
 from services.inventory.config import InventorySettings
 from services.queue.config import QueueSettings
@@ -93,6 +94,14 @@ def env_names_of(process: str) -> set[str]:
     for settings in SETTINGS_OF[process]:
         names |= accepted_env_names(settings)
     return names
+
+
+def required_env_names(process: str, data_dir: Path) -> set[str]:
+    """What `meterai up`, a working stack, sets for `process`: its URLs, paths and secrets,
+    which defaults meant for one machine (127.0.0.1, relative paths) would get wrong."""
+    stack = Stack(StackSettings(data_dir=data_dir), announce=lambda message: None)
+    endpoints = Endpoints(postgres_server="postgresql://p@db/x", redis="redis://r", kafka="k:1")
+    return set(stack.service_env(endpoints)) & env_names_of(process)
 
 
 @contextmanager

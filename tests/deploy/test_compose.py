@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -13,7 +14,13 @@ import pytest
 import yaml
 
 from services.stamping.config import StampingSettings
-from tests.deploy.processes import ROOT, env_names_of, image_processes, load_settings
+from tests.deploy.processes import (
+    ROOT,
+    env_names_of,
+    image_processes,
+    load_settings,
+    required_env_names,
+)
 
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
@@ -170,6 +177,16 @@ def test_every_variable_is_a_setting_the_process_reads(services: dict[str, Servi
         unknown = set(env) - env_names_of(process)
         assert unknown == set(), f"{name} sets what it never reads"
         load_settings(process, {k: str(v) for k, v in env.items()})
+
+
+def test_every_service_gets_what_a_working_stack_sets(
+    services: dict[str, Service], tmp_path: Path
+) -> None:
+    for name, service in services.items():
+        process = process_of(service) if ours(service) else None
+        if process is not None:
+            missing = required_env_names(process, tmp_path) - set(service["environment"])
+            assert missing == set(), name
 
 
 def test_a_production_env_file_reaches_every_secret() -> None:

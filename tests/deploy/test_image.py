@@ -18,10 +18,10 @@ import httpx
 import pytest
 
 from meterai.stack import DATABASES, database_url
-from services.platform.embedded import ensure_databases
+from services.platform.embedded import ensure_databases, free_port
 from tests.deploy.dockerfile import ignored, stages
 from tests.deploy.processes import ENTRYPOINT, ROOT, image_processes
-from tests.harness import Infrastructure, free_port, wait_for
+from tests.harness import Infrastructure, wait_for
 
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"

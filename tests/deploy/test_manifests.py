@@ -17,6 +17,7 @@ import yaml
 from yamllint import linter
 from yamllint.config import YamlLintConfig
 
+from services.gateway.config import GatewaySettings
 from services.stamping.config import StampingSettings
 from tests.deploy.kustomize import (
     build,
@@ -25,7 +26,13 @@ from tests.deploy.kustomize import (
     kustomize_command,
     load_documents,
 )
-from tests.deploy.processes import ROOT, env_names_of, image_processes, load_settings
+from tests.deploy.processes import (
+    ROOT,
+    env_names_of,
+    image_processes,
+    load_settings,
+    required_env_names,
+)
 
 K8S = ROOT / "k8s"
 SECRET_TEMPLATES = K8S / "secrets" / "meterai-secrets.template.yaml"
@@ -216,6 +223,14 @@ def test_every_variable_is_a_setting_the_process_reads(k8s: Build) -> None:
             env = container_env(k8s, container)
             unknown = set(env) - env_names_of(process_of(container))
             assert unknown == set(), f"{workload['metadata']['name']} sets what it never reads"
+
+
+def test_every_service_gets_what_a_working_stack_sets(k8s: Build, tmp_path: Path) -> None:
+    for deployment in k8s.of_kind("Deployment"):
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        process = process_of(container)
+        missing = required_env_names(process, tmp_path) - set(container_env(k8s, container))
+        assert missing == set(), deployment["metadata"]["name"]
 
 
 def test_the_settings_load_in_production_with_every_secret_given(k8s: Build) -> None:
@@ -415,8 +430,11 @@ def test_the_ingress_sends_everything_to_the_gateway(k8s: Build) -> None:
     assert service["spec"]["selector"]["app.kubernetes.io/component"] == "gateway"
     public = k8s.get("ConfigMap", "meterai-common")["data"]["METERAI_PUBLIC_BASE_URL"]
     assert public == f"https://{rule['host']}"
+    # Larger than what the gateway accepts: oversized uploads get its problem+json 413.
     body_limit = ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"]
-    assert quantity(body_limit.replace("m", "Mi")) > StampingSettings().max_upload_bytes
+    gateway_limit = GatewaySettings().max_body_bytes
+    assert gateway_limit > StampingSettings().max_upload_bytes
+    assert quantity(body_limit.replace("m", "Mi")) > gateway_limit
 
 
 def test_the_migration_job_runs_meterai_migrate_once(k8s: Build) -> None:
