@@ -298,7 +298,18 @@ class StackProbe:
                 return held, sent
             process.send_signal(signal.SIGCONT)
             await asyncio.sleep(0.1)
-        raise AssertionError(f"{worker} never held a lease")
+        # Say why: did the worker sign anything lately, and what did it last log?
+        log = self.data_dir / "logs" / f"{worker}.log"
+        tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
+        assert self.stamping is not None
+        recent = await self.stamping.fetch(
+            "SELECT lease_owner, status::text, count(*) AS n FROM stamping_jobs "
+            "WHERE created_at > now() - interval '2 minutes' GROUP BY 1, 2"
+        )
+        raise AssertionError(
+            f"{worker} never held a lease; recent jobs by lease owner and status: "
+            f"{[tuple(row) for row in recent]}; its log ends:\n" + "\n".join(tail)
+        )
 
     async def _locked(self, job_ids: list[uuid.UUID]) -> bool:
         """Whether a transaction holds any of these jobs' rows."""
