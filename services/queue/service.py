@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from typing import Any
 
+import redis.asyncio as aioredis
 from starlette.requests import cookie_parser
 from starlette.types import Scope
 
 from services.platform.admission import ADMISSION_COOKIE, AdmissionCodec
-from services.platform.errors import MeteraiError
+from services.platform.errors import MeteraiError, ServiceUnavailable
 from services.queue.config import QueueSettings
 from services.queue.room import Arrival, Room
 from services.queue.tickets import ProofOfWork, Ticket, TicketCodec
@@ -39,6 +42,25 @@ class TicketState(StrEnum):
     waiting = "waiting"
     admitted = "admitted"
     paused = "paused"
+
+
+class RoomUnavailable(ServiceUnavailable):
+    code = "room_unavailable"
+    title = "The waiting room is briefly unavailable"
+
+
+@contextmanager
+def _room_reachable() -> Iterator[None]:
+    """The room's store (Redis) failing is a 503 with Retry-After: places are kept there, and
+    the page tries again by itself."""
+    try:
+        yield
+    except (aioredis.RedisError, OSError) as exc:
+        raise RoomUnavailable(
+            "The waiting room cannot be reached for a moment; your place is kept. "
+            "Try again shortly.",
+            retry_after=2,
+        ) from exc
 
 
 class NoTicket(MeteraiError):
@@ -80,12 +102,18 @@ async def status(app: Any, ticket: Ticket | None) -> Reply:
     the admission credential (renewed on every poll while the session is active)."""
     if ticket is None:
         raise NoTicket("Join the queue first (POST /queue/join).")
-    return await _status(app, ticket)
+    with _room_reachable():
+        return await _status(app, ticket)
 
 
 async def join(app: Any, ticket: Ticket | None, *, client_ip: str, proof: str | None) -> Reply:
     """A place in the queue, or the status of `ticket` if it still holds one (a refresh or a
     second tab keeps the place; an expired ticket joins again, at the back)."""
+    with _room_reachable():
+        return await _join(app, ticket, client_ip=client_ip, proof=proof)
+
+
+async def _join(app: Any, ticket: Ticket | None, *, client_ip: str, proof: str | None) -> Reply:
     cookies: list[str] = []
     if ticket is not None:
         try:

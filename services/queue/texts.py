@@ -112,6 +112,8 @@ TEXTS: Final[dict[str, dict[str, str]]] = {
         "err_http_429": "Terlalu banyak permintaan dari jaringan Anda. Tunggu sebentar lalu "
         "coba lagi.",
         "err_unavailable": "Layanan sedang sibuk. Coba lagi sebentar lagi.",
+        "err_room_unavailable": "Antrean sedang tidak dapat dihubungi sebentar. Tempat Anda "
+        "tetap tersimpan; halaman ini mencoba lagi dengan sendirinya.",
         "err_database_unavailable": "Layanan sedang sibuk. Coba lagi sebentar lagi.",
         "err_internal_error": "Terjadi kesalahan di server kami. Coba lagi sebentar lagi.",
         "err_missing_credentials": "Sesi pembelian Anda sudah habis atau belum dimulai. Kembali "
@@ -247,6 +249,8 @@ TEXTS: Final[dict[str, dict[str, str]]] = {
         "err_rate_limited": "Too many requests from your network. Wait a moment and try again.",
         "err_http_429": "Too many requests from your network. Wait a moment and try again.",
         "err_unavailable": "The service is busy. Try again shortly.",
+        "err_room_unavailable": "The queue cannot be reached for a moment. Your place is kept; "
+        "this page tries again by itself.",
         "err_database_unavailable": "The service is busy. Try again shortly.",
         "err_internal_error": "Something went wrong on our side. Try again shortly.",
         "err_missing_credentials": "Your purchase session has ended or not started yet. Go "

@@ -168,15 +168,28 @@ async def test_without_javascript_the_rooms_refusals_are_explained(stack: Servic
 async def test_without_javascript_a_failing_room_still_answers_with_a_page(
     stack: ServiceStack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    room = stack.servers["queue"].app.state.room
+
     async def unreachable(arrival: Any) -> Any:
         raise redis.exceptions.ConnectionError("Redis is gone")
 
-    monkeypatch.setattr(stack.servers["queue"].app.state.room, "join", unreachable)
+    async def crashing(arrival: Any) -> Any:
+        raise RuntimeError("a bug")
+
     async with stack.client() as browser:
+        # The room's store out of reach: a 503 page that says the place is kept and retries
+        # after the room's Retry-After.
+        monkeypatch.setattr(room, "join", unreachable)
+        down = await browser.post("/queue/page")
+        assert down.status_code == 503 and down.headers["content-type"].startswith("text/html")
+        assert TEXTS["id"]["err_room_unavailable"] in main(down.text)
+        assert meta_refresh(down.text) == (2, "/queue/page")
+        # A bug: still a page (500), and it tries again by itself.
+        monkeypatch.setattr(room, "join", crashing)
         failed = await browser.post("/queue/page")
     assert failed.status_code == 500 and failed.headers["content-type"].startswith("text/html")
     assert TEXTS["id"]["err_internal_error"] in main(failed.text)
-    assert meta_refresh(failed.text) == (10, "/queue/page")  # and it tries again by itself
+    assert meta_refresh(failed.text) == (10, "/queue/page")
 
 
 def answer(status_code: int, body: dict[str, Any], retry_after: int | None = None) -> RoomAnswer:
