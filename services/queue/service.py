@@ -224,7 +224,8 @@ def client_ip(scope: Scope, trusted_hops: int = 1) -> str:
         return peer
     for name, value in scope["headers"]:
         if name == b"x-forwarded-for":
-            hops = value.decode("latin-1").split(",")
+            forwarded: str = value.decode("latin-1")
+            hops = forwarded.split(",")
             return hops[-min(trusted_hops, len(hops))].strip()[:64]
     return peer
 
