@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 from datetime import datetime
@@ -10,7 +11,14 @@ from pathlib import Path
 
 import click
 
-from meterai.stack import DATABASES, SERVICES_DIR, StackSettings, run_stack, stack_env
+from meterai.stack import (
+    DATABASES,
+    SERVICES_DIR,
+    STACK_FILE,
+    StackSettings,
+    run_stack,
+    stack_env,
+)
 from meterai.surge.plan import CURVES
 from services.inventory.cli import distributor, reconcile, serials
 from services.stamping.cli import keys
@@ -197,6 +205,10 @@ def surge(
     from meterai.surge.prepare import SurgeError
     from meterai.surge.run import SurgeOptions, run_surge
 
+    stack_file = ctx.obj["data_dir"] / STACK_FILE
+    # The local stack's processes (for the report's CPU figures), unless another one is named.
+    local = gateway is None and stack_file.exists()
+    stack_pid = json.loads(stack_file.read_text())["pid"] if local else None
     gateway = gateway or os.environ.get("METERAI_PUBLIC_BASE_URL")
     if not gateway:
         raise click.ClickException("no running stack found: start `meterai up`, or give --gateway")
@@ -217,6 +229,7 @@ def surge(
         baseline=baseline,
         max_seconds=60 * max_minutes,
         drain_seconds=settle_seconds,
+        stack_pid=stack_pid,
     )
     try:
         code = run_surge(options, _announce)

@@ -109,6 +109,7 @@ class Summary:
     finished: int = 0
     distributor_purchases: list[str] = field(default_factory=list)
     load_cpu_saturated: bool = False
+    cpu_seconds: float = 0.0  # the load process's own
     timed_out: bool = False
 
 

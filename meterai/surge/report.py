@@ -22,6 +22,7 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from meterai.surge.checks import Verdict  # noqa: E402
+from meterai.surge.cpu import SIGNING, CpuUse  # noqa: E402
 from meterai.surge.records import Milestone, Outcome, Records  # noqa: E402
 
 CHARTS = ("progress.png", "room.png", "throughput.png", "latency.png", "errors.png")
@@ -63,6 +64,7 @@ class Figures:
     outcomes: Counter[Outcome]
     steps: list[StepFigures]
     stages: list[tuple[str, int, float, float]]  # name, count, p50 s, p99 s
+    cpu: CpuUse | None
 
     @property
     def ratio(self) -> float | None:
@@ -71,7 +73,9 @@ class Figures:
         return self.stamping_rate / self.baseline_rate
 
 
-def figures(records: Records, verdict: Verdict, baseline: float | None) -> Figures:
+def figures(
+    records: Records, verdict: Verdict, baseline: float | None, cpu: CpuUse | None = None
+) -> Figures:
     counts = Counter(mark.milestone for mark in records.marks)
     by_step: dict[str, list[float]] = defaultdict(list)
     retried_by_step: Counter[str] = Counter()
@@ -114,6 +118,7 @@ def figures(records: Records, verdict: Verdict, baseline: float | None) -> Figur
         outcomes=Counter(request.outcome for request in records.requests),
         steps=steps,
         stages=_stages(records),
+        cpu=cpu,
     )
 
 
@@ -329,8 +334,20 @@ def write_report(
         retried=", ".join(f"{status}: {n:,}" for status, n in sorted(figures_.retried.items())),
         outcomes=", ".join(f"{o.value}: {n:,}" for o, n in figures_.outcomes.most_common()),
         saturated=records.summary.load_cpu_saturated,
+        cpu_rows=_cpu_rows(figures_.cpu, records.summary.applicants),
+        signing_share=figures_.cpu.share(SIGNING) if figures_.cpu else None,
         charts=CHARTS,
     )
     path = out / "index.html"
     path.write_text(html)
     return path
+
+
+def _cpu_rows(cpu: CpuUse | None, applicants: int) -> list[tuple[str, float, float, float]]:
+    """Per part: CPU seconds, ms per applicant, share of the machine's CPU."""
+    if cpu is None:
+        return []
+    return [
+        (role, seconds, 1000 * seconds / max(1, applicants), cpu.share(role))
+        for role, seconds in sorted(cpu.seconds.items(), key=lambda item: -item[1])
+    ]

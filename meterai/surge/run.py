@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from meterai.surge.checks import settle, verify_run
+from meterai.surge.cpu import SIGNING, CpuSnapshot, CpuUse
 from meterai.surge.document import reference_document
 from meterai.surge.plan import Plan
 from meterai.surge.prepare import (
@@ -48,6 +50,13 @@ class SurgeOptions:
     max_seconds: float = 1800.0
     drain_seconds: float = 300.0
     connections: int = 256
+    stack_pid: int | None = None  # a local `meterai up`: its CPU use is reported
+
+
+def _cpu_snapshot(options: SurgeOptions) -> CpuSnapshot | None:
+    if options.stack_pid is None:
+        return None
+    return CpuSnapshot.take(options.stack_pid, os.getpid())
 
 
 def run_surge(options: SurgeOptions, say: Callable[[str], None]) -> int:
@@ -85,6 +94,7 @@ def run_surge(options: SurgeOptions, say: Callable[[str], None]) -> int:
         f"({options.curve}), {options.distributors} distributors; room admits "
         f"{view['admit_per_minute']:,}/min; report in {out}"
     )
+    cpu_before = cpu_after = None
     try:
         with (
             tempfile.TemporaryDirectory(prefix="meterai-surge-") as private,
@@ -111,19 +121,25 @@ def run_surge(options: SurgeOptions, say: Callable[[str], None]) -> int:
             )
             plan_path = Path(private) / "plan.json"
             plan.write(plan_path)
+            cpu_before = _cpu_snapshot(options)
             load = subprocess.run(  # noqa: S603 - our own module, with fixed arguments
                 [sys.executable, "-m", "meterai.surge.load", str(plan_path)], check=False
             )
             if load.returncode != 0:
                 raise SurgeError(f"the load process failed (exit {load.returncode})")
+            cpu_after = _cpu_snapshot(options)
     finally:
         if changes:
             asyncio.run(set_room(target, **{name: before[name] for name in changes}))
     records = Records.read(out / "records")
+    cpu = None
+    if cpu_before is not None and cpu_after is not None:
+        wall = records.summary.ended - records.summary.started
+        cpu = CpuUse.between(cpu_before, cpu_after, records.summary.cpu_seconds, wall)
     say("load over; waiting for the last jobs and bookings to settle")
     asyncio.run(settle(target, records, options.drain_seconds, say))
     verdict = asyncio.run(verify_run(target, records))
-    numbers = figures(records, verdict, options.baseline)
+    numbers = figures(records, verdict, options.baseline, cpu)
     page = write_report(
         records,
         verdict,
@@ -135,6 +151,8 @@ def run_surge(options: SurgeOptions, say: Callable[[str], None]) -> int:
         distributors=options.distributors,
     )
     ratio = f" = {100 * numbers.ratio:.0f}% of standalone" if numbers.ratio is not None else ""
+    if cpu is not None:
+        ratio += f"; signing had {100 * cpu.share(SIGNING):.0f}% of the machine's CPU"
     say(
         f"{numbers.downloaded:,} of {options.applicants:,} applicants stamped in "
         f"{numbers.duration_seconds:.0f} s; stamping {numbers.stamping_rate:.1f} jobs/s{ratio}"
@@ -153,6 +171,8 @@ def run_surge(options: SurgeOptions, say: Callable[[str], None]) -> int:
                 "applicants": options.applicants,
                 "downloaded": numbers.downloaded,
                 "steps": [asdict(step) for step in numbers.steps],
+                "cpu_seconds": cpu.seconds if cpu else None,
+                "signing_share_of_machine": cpu.share(SIGNING) if cpu else None,
             },
             indent=2,
         )
