@@ -174,6 +174,14 @@ def migrate() -> None:
     help="After the load, how long to wait for unfinished jobs before checking.",
 )
 @click.option(
+    "--connections",
+    type=click.IntRange(min=1),
+    default=2048,
+    show_default=True,
+    help="Connections the crowd may open to the gateway at once (keep it above the requests "
+    "in flight, or they queue in the load generator).",
+)
+@click.option(
     "--gateway", default=None, help="The stack's public URL [default: the running `meterai up`]."
 )
 @click.pass_context
@@ -193,6 +201,7 @@ def surge(
     report_dir: Path | None,
     max_minutes: float,
     settle_seconds: float,
+    connections: int,
     gateway: str | None,
 ) -> None:
     """Rehearse a deadline rush against the running stack and write a report (HTML + PNG).
@@ -230,6 +239,7 @@ def surge(
         max_seconds=60 * max_minutes,
         drain_seconds=settle_seconds,
         stack_pid=stack_pid,
+        connections=connections,
     )
     try:
         code = run_surge(options, _announce)

@@ -93,7 +93,9 @@ class Crowd:
         self.distributor_purchases: list[str] = []
         self.room: RoomSample | None = None
         # One pool of connections for everyone, as a load balancer in front of the gateway
-        # would keep: 20,000 people need not mean 20,000 sockets on this machine.
+        # would keep: 20,000 people need not mean 20,000 sockets on this machine. It must hold
+        # every request that people have in flight at once: requests waiting for a connection
+        # here would never reach the stack, and their latency would be this pool's.
         self.pool = HTTPClientPool(
             concurrency=plan.connections, network_timeout=120.0, connection_timeout=30.0
         )

@@ -66,7 +66,7 @@ class Plan:
     verify_fraction: float = 0.02
     max_seconds: float = 1800.0  # the load stops here, finished or not
     progress_seconds: float = 5.0
-    connections: int = 256
+    connections: int = 2048
     # The page's own timings (services/queue/static/beli.js).
     purchase_poll_seconds: float = 4.0
     job_poll_seconds: float = 2.0

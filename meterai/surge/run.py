@@ -49,7 +49,7 @@ class SurgeOptions:
     baseline: float | None = None
     max_seconds: float = 1800.0
     drain_seconds: float = 300.0
-    connections: int = 256
+    connections: int = 2048
     stack_pid: int | None = None  # a local `meterai up`: its CPU use is reported
 
 
