@@ -28,7 +28,6 @@ anything else running.
 from __future__ import annotations
 
 import argparse
-import random
 import shutil
 import statistics
 import subprocess
@@ -39,83 +38,17 @@ from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
-from pyhanko.pdf_utils import generic
-from pyhanko.pdf_utils.font.basic import get_courier
-from pyhanko.pdf_utils.generic import pdf_name
 from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
-from pyhanko.pdf_utils.writer import PageObject, PdfFileWriter
 from pyhanko.sign import fields, signers
 from pyhanko.stamp import QRStampStyle
 
 from benchmarks.drain import stack_part
+from meterai.surge.document import reference_document
 from services.stamping.config import StampingSettings
 from services.stamping.keys import SigningKeyPaths, create_development_keys
 from services.stamping.signing import StampRequest, StampSigner, inspect_document
 
-A4 = (595.28, 841.89)
 BASE_URL = "http://127.0.0.1:8000"
-_WORDS = (
-    "surat pernyataan bersedia ditempatkan di seluruh wilayah negara kesatuan republik "
-    "indonesia saya yang bertanda tangan di bawah ini menyatakan dengan sesungguhnya bahwa "
-    "data yang saya sampaikan adalah benar dan apabila di kemudian hari terbukti tidak benar"
-).split()
-
-
-# --- The reference document ----------------------------------------------------------------
-
-
-def reference_document(pages: int = 4, seed: int = 2024) -> bytes:
-    """A4 pages of text in Courier and, on the first page, a 480x560 RGB image (deflated
-    noise over a gradient, so that it stays about 780 KB as a scan or a photo would)."""
-    rng = random.Random(seed)  # noqa: S311 - test data, not secrets
-    writer = PdfFileWriter(stream_xrefs=False)
-    font = writer.add_object(get_courier(writer))
-    width, height = 480, 560
-    pixels = b"".join(
-        bytes(
-            (noise >> 2) + ((x // 3 + y) % 160) for x, noise in enumerate(rng.randbytes(3 * width))
-        )
-        for y in range(height)
-    )
-    image = generic.StreamObject(
-        {
-            pdf_name("/Type"): pdf_name("/XObject"),
-            pdf_name("/Subtype"): pdf_name("/Image"),
-            pdf_name("/Width"): generic.NumberObject(width),
-            pdf_name("/Height"): generic.NumberObject(height),
-            pdf_name("/ColorSpace"): pdf_name("/DeviceRGB"),
-            pdf_name("/BitsPerComponent"): generic.NumberObject(8),
-        },
-        stream_data=pixels,
-    )
-    image.compress()
-    image_ref = writer.add_object(image)
-    for number in range(pages):
-        resources = generic.DictionaryObject(
-            {pdf_name("/Font"): generic.DictionaryObject({pdf_name("/F1"): font})}
-        )
-        lines = 20 if number == 0 else 60
-        ops = [b"BT /F1 10 Tf 12 TL 56 790 Td"]
-        ops += [
-            b"(%s) '" % " ".join(rng.choice(_WORDS) for _ in range(11)).encode()
-            for _ in range(lines)
-        ]
-        ops.append(b"ET")
-        if number == 0:
-            resources[pdf_name("/XObject")] = generic.DictionaryObject(
-                {pdf_name("/Im1"): image_ref}
-            )
-            ops.append(b"q 288 0 0 336 154 120 cm /Im1 Do Q")
-        contents = generic.StreamObject(stream_data=b"\n".join(ops))
-        contents.compress()
-        writer.insert_page(
-            PageObject(
-                contents=writer.add_object(contents), media_box=(0, 0, *A4), resources=resources
-            )
-        )
-    out = BytesIO()
-    writer.write(out)
-    return out.getvalue()
 
 
 def serial_for(number: int) -> str:

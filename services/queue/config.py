@@ -41,6 +41,10 @@ class QueueSettings(ServiceSettings):
     # Joins per address per window (0 = unlimited); a whole office behind one NAT must fit.
     join_limit_per_ip: int = 300
     join_limit_window_seconds: int = 60
+    # Proxies that append to X-Forwarded-For in front of the queue: the gateway (1), plus as
+    # many as the gateway trusts (its METERAI_GATEWAY_TRUSTED_PROXY_HOPS) behind a load
+    # balancer, or every applicant would share the balancer's join limit.
+    trusted_proxy_hops: int = 1
     # Closed loop: admission slows while stamping has more than this many unfinished jobs or
     # its oldest job waits longer than this, and speeds up again as the backlog drains.
     stamping_url: str = "http://127.0.0.1:8003"

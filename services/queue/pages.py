@@ -309,8 +309,9 @@ async def fallback_join(request: Request, lang: str | None = None) -> Response:
     replaced by a new one, at the back of the queue."""
     lang = language(lang)
     # A form sends no proof of work: when operators ask for one, the page says so.
+    hops = service.settings_of(request.app).trusted_proxy_hops
     joining = service.join(
-        request.app, _ticket(request), client_ip=service.client_ip(request.scope), proof=None
+        request.app, _ticket(request), client_ip=service.client_ip(request.scope, hops), proof=None
     )
     answer = await _ask_room(joining)
     if not answer.ok:

@@ -102,7 +102,7 @@ async def _join(app: Any, scope: Scope) -> Reply:
     return await service.join(
         app,
         service.ticket_of(app, scope),
-        client_ip=service.client_ip(scope),
+        client_ip=service.client_ip(scope, service.settings_of(app).trusted_proxy_hops),
         proof=service.proof_of(scope),
     )
 

@@ -242,15 +242,20 @@ def proof_of(scope: Scope) -> str | None:
     return None
 
 
-def client_ip(scope: Scope) -> str:
-    """The caller's address: behind the gateway, the last X-Forwarded-For entry (the address
-    the gateway saw)."""
+def client_ip(scope: Scope, trusted_hops: int = 1) -> str:
+    """The caller's address: the X-Forwarded-For entry `trusted_hops` from the end (1: the
+    address the gateway saw; 2: the one a load balancer in front of the gateway saw), else
+    the peer."""
+    client = scope.get("client")
+    peer = str(client[0]) if client else "unknown"
+    if trusted_hops <= 0:
+        return peer
     for name, value in scope["headers"]:
         if name == b"x-forwarded-for":
             forwarded: str = value.decode("latin-1")
-            return forwarded.rsplit(",", 1)[-1].strip()[:64]
-    client = scope.get("client")
-    return str(client[0]) if client else "unknown"
+            hops = forwarded.split(",")
+            return hops[-min(trusted_hops, len(hops))].strip()[:64]
+    return peer
 
 
 def _require_proof(app: Any, proof: str | None, difficulty: int) -> None:

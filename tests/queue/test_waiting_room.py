@@ -236,6 +236,31 @@ async def test_joins_are_limited_per_address(stack: ServiceStack) -> None:
         assert other.status_code == 200
 
 
+@pytest.mark.settings(
+    queue={"join_limit_per_ip": 2, "join_limit_window_seconds": 60, "trusted_proxy_hops": 2},
+    gateway={"trusted_proxy_hops": 1},
+)
+async def test_behind_a_load_balancer_each_applicant_has_its_own_join_limit(
+    stack: ServiceStack,
+) -> None:
+    # The load balancer (here at 127.0.0.2, which uvicorn does not trust by itself) says who
+    # called in X-Forwarded-For and the gateway appends its peer, the balancer: without
+    # counting that hop, every applicant would share the balancer's join limit.
+    balancer = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+    async with httpx.AsyncClient(base_url=stack.gateway_url, transport=balancer) as client:
+
+        async def join_from(address: str) -> httpx.Response:
+            client.cookies.clear()  # a new applicant each time, not a refresh
+            return await client.post("/queue/join", headers={"X-Forwarded-For": address})
+
+        for _ in range(2):
+            assert (await join_from("198.51.100.1")).status_code == 200
+        refused = await join_from("198.51.100.1")
+        assert refused.status_code == 429 and refused.json()["code"] == "join_limited"
+        other = await join_from("198.51.100.2")
+        assert other.status_code == 200, other.text
+
+
 async def test_a_tampered_ticket_is_no_ticket(stack: ServiceStack) -> None:
     async with queue_client(stack) as client:
         await join(client)
