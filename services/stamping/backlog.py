@@ -9,13 +9,13 @@ import time
 from datetime import UTC, datetime
 
 import structlog
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from prometheus_client import Gauge
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from services.platform.db import SessionDep, transaction
+from services.platform.db import transaction
 from services.platform.errors import ServiceUnavailable
 from services.platform.identity import CallingService
 from services.stamping.models import UNFINISHED, StampingJob
@@ -37,9 +37,11 @@ class Backlog(BaseModel):
 
 
 @internal.get("/backlog", response_model=Backlog)
-async def backlog(session: SessionDep, _: CallingService) -> Backlog:
-    """Asked about once a second by each waiting-room replica."""
-    return await read_backlog(session)
+async def backlog(request: Request, _: CallingService) -> Backlog:
+    """Asked about once a second by each waiting-room replica: answered from the guard's last
+    read (at most `backlog_refresh_seconds` old), not with another aggregate per question."""
+    guard: BacklogGuard = request.app.state.backlog_guard
+    return guard.current()
 
 
 async def read_backlog(session: AsyncSession) -> Backlog:
@@ -83,6 +85,7 @@ class BacklogGuard:
         self.limit = limit
         self.refresh_seconds = refresh_seconds
         self.unfinished = 0
+        self.oldest_seconds = 0.0
         self.accepted_since_read = 0
         # Jobs finished per second, smoothed; None until two reads were made.
         self.finish_rate: float | None = None
@@ -111,6 +114,13 @@ class BacklogGuard:
     def accepted(self) -> None:
         self.accepted_since_read += 1
 
+    def current(self) -> Backlog:
+        """The backlog as last read, with what this process accepted since."""
+        return Backlog(
+            unfinished=self.unfinished + self.accepted_since_read,
+            oldest_seconds=self.oldest_seconds,
+        )
+
     async def read(self) -> None:
         accepted = self.accepted_since_read
         async with transaction(self.sessionmaker) as session:
@@ -122,7 +132,8 @@ class BacklogGuard:
             rate = finished / (now - self._read_at)
             previous = self.finish_rate
             self.finish_rate = rate if previous is None else 0.8 * previous + 0.2 * rate
-        self.unfinished, self._read_at = backlog.unfinished, now
+        self.unfinished, self.oldest_seconds = backlog.unfinished, backlog.oldest_seconds
+        self._read_at = now
         self.accepted_since_read -= accepted
 
     async def run(self) -> None:

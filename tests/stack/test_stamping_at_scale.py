@@ -26,7 +26,7 @@ from services.platform.embedded import free_port_range
 from services.stamping.config import StampingSettings
 from tests.harness import wait_for
 from tests.pdfs import changed_page
-from tests.stack.jobs import StackProbe, Uploads, validate_pdfs
+from tests.stack.jobs import Distributor, StackProbe, Uploads, validate_pdfs
 from tests.stack.running import meterai_up
 
 pytestmark = [pytest.mark.stack, pytest.mark.timeout(420)]
@@ -170,10 +170,7 @@ async def test_200_jobs_over_two_workers_are_each_stamped_once_and_validate(
 async def test_a_worker_killed_mid_job_loses_nothing_and_signs_nothing_twice(
     up: StackProbe,
 ) -> None:
-    buyer = await up.distributor(300)
-    uploads = Uploads()
-    uploading = asyncio.create_task(up.upload(buyer, 300, uploads))
-    await wait_for(lambda: _at_least(up, uploads, done=60), within=120)
+    buyer, uploads, uploading = await _uploading_until(up, 300, done=60)
 
     # SIGKILL signer-1 at a moment it holds jobs: they stay leased to a dead process.
     held, killed_at = await up.stop_holding("signer-1", signal.SIGKILL)
@@ -212,10 +209,7 @@ async def test_a_worker_killed_mid_job_loses_nothing_and_signs_nothing_twice(
 async def test_the_broker_forgetting_everything_mid_run_loses_no_job_and_no_result(
     up: StackProbe,
 ) -> None:
-    buyer = await up.distributor(300)
-    uploads = Uploads()
-    uploading = asyncio.create_task(up.upload(buyer, 300, uploads))
-    await wait_for(lambda: _at_least(up, uploads, accepted=100, done=20), within=120)
+    buyer, uploads, uploading = await _uploading_until(up, 300, accepted=100, done=20)
 
     # The broker dies, and with it every message and offset; the supervisor restarts it,
     # empty, and recreates the topics.
@@ -260,10 +254,7 @@ async def test_a_worker_paused_past_its_lease_cannot_replace_what_another_record
     up: StackProbe,
 ) -> None:
     # Enough jobs that both workers are still busy when the freezing starts.
-    buyer = await up.distributor(120)
-    uploads = Uploads()
-    uploading = asyncio.create_task(up.upload(buyer, 120, uploads))
-    await wait_for(lambda: _at_least(up, uploads, accepted=20, done=5), within=120)
+    buyer, uploads, uploading = await _uploading_until(up, 120, accepted=20, done=5)
 
     # signer-2 freezes mid-job (a long GC pause, a stalled VM) and stays frozen past its lease
     # and its Kafka session: signer-1 takes its partitions and, once the leases ran out, its
@@ -300,10 +291,7 @@ async def test_sigterm_finishes_in_flight_jobs_then_exits_within_the_grace_perio
     up: StackProbe,
 ) -> None:
     # A backlog that outlasts the stop, so that there is something left to take over.
-    buyer = await up.distributor(160)
-    uploads = Uploads()
-    uploading = asyncio.create_task(up.upload(buyer, 160, uploads))
-    await wait_for(lambda: _at_least(up, uploads, accepted=60, done=10), within=120)
+    buyer, uploads, uploading = await _uploading_until(up, 160, accepted=60, done=10)
 
     worker = up.worker("signer-2")
     in_flight, stopped_at = await up.stop_holding("signer-2", signal.SIGTERM)
@@ -369,6 +357,18 @@ async def _retrying(
             return response
         await asyncio.sleep(min(float(response.headers.get("Retry-After", "1")), 2.0))
     return response
+
+
+async def _uploading_until(
+    up: StackProbe, count: int, *, accepted: int = 0, done: int = 0
+) -> tuple[Distributor, Uploads, asyncio.Task[list[uuid.UUID]]]:
+    """A distributor with `count` stamps starts uploading `count` documents; returns once at
+    least `accepted` are accepted and `done` are done, with the uploads still going on."""
+    buyer = await up.distributor(count)
+    uploads = Uploads()
+    uploading = asyncio.create_task(up.upload(buyer, count, uploads))
+    await wait_for(lambda: _at_least(up, uploads, accepted=accepted, done=done), within=120)
+    return buyer, uploads, uploading
 
 
 async def _at_least(up: StackProbe, uploads: Uploads, *, accepted: int = 0, done: int = 0) -> bool:
