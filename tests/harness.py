@@ -34,6 +34,7 @@ from services.platform.embedded import (
     EmbeddedRedis,
     ensure_databases,
     free_port,
+    free_ports,
 )
 from services.platform.kafka import TopicSpec, ensure_topics
 from services.platform.migrations import upgrade
@@ -256,11 +257,12 @@ class ServiceStack:
                 TopicSpec(f"stamping.results.{self.suffix}", 2),
             ],
         )
-        # Inventory and stamping call each other: know both URLs before either starts.
-        gateway_port, stamping_port = free_port(), free_port()
+        # Inventory and stamping call each other: know both URLs before either starts. The
+        # ports are chosen together, so that no server here can be given another's port.
+        gateway_port, stamping_port, inventory_port, queue_port = free_ports(4)
         self.servers["gateway"] = Served(FastAPI(), gateway_port)  # placeholder for the URL
         self.servers["stamping"] = Served(FastAPI(), stamping_port)  # placeholder for the URL
-        await self._serve("inventory", create_inventory(self.inventory_settings()))
+        await self._serve("inventory", create_inventory(self.inventory_settings()), inventory_port)
         await self._serve("stamping", create_stamping(self.stamping_settings()), stamping_port)
         await self._serve(
             "queue",
@@ -276,6 +278,7 @@ class ServiceStack:
                     }
                 )
             ),
+            queue_port,
         )
         for _ in range(workers):
             await self.add_worker()

@@ -41,6 +41,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` different TCP ports nobody listens on right now (all held while choosing, so
+    that the kernel cannot hand out the same one twice)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def free_port_range(span: int, *, start: int = 21000, host: str = "127.0.0.1") -> int:
     """The first port of `span` consecutive free ports (for a whole stack on one base port)."""
     for base in range(start, 65000 - span, 97):
