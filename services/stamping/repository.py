@@ -58,13 +58,20 @@ async def get_job(session: AsyncSession, job_id: uuid.UUID) -> StampingJob | Non
 async def lease_job(
     session: AsyncSession, job_id: uuid.UUID, *, worker_id: str, lease: timedelta
 ) -> StampingJob | None:
-    """Take a queued job, or one whose previous worker's lease ran out; None if neither, or if
-    the job is waiting out a backoff. The attempt number (`attempts`) fences the outcome."""
+    """Take a queued job, or one whose previous worker's lease ran out; None if neither, if
+    the job is waiting out a backoff, or if another transaction holds its row (a worker is
+    recording it right now: waiting would stall this worker behind one that may be frozen;
+    the row lock is what keeps another attempt from recording it meanwhile, so should that
+    recording not commit, the job is published again when its lease has ended).
+    The attempt number (`attempts`) fences the outcome."""
     now = func.now()
+    unlocked = (
+        select(StampingJob.id).where(StampingJob.id == job_id).with_for_update(skip_locked=True)
+    )
     row = await session.execute(
         update(StampingJob)
         .where(
-            StampingJob.id == job_id,
+            StampingJob.id.in_(unlocked.scalar_subquery()),
             or_(
                 StampingJob.status == JobStatus.queued,
                 (StampingJob.status == JobStatus.signing) & (StampingJob.lease_expires_at < now),

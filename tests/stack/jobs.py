@@ -286,9 +286,11 @@ class StackProbe:
             process.send_signal(signal.SIGSTOP)
             await asyncio.sleep(0.15)
             held = await self.held_by(worker)
-            if held and then is None and await self._locked([job.job_id for job in held]):
-                # Frozen while recording a job (its row locked): nobody could take it over.
-                held = []
+            if held and then is None:
+                # A job it froze while recording (its row locked) stays its own until it wakes
+                # up and commits, or dies: it is not one that another worker can take over.
+                locked = await self._locked([job.job_id for job in held])
+                held = [job for job in held if job.job_id not in locked]
             if held:
                 sent = time.time()
                 if then is not None:
@@ -311,15 +313,15 @@ class StackProbe:
             f"{[tuple(row) for row in recent]}; its log ends:\n" + "\n".join(tail)
         )
 
-    async def _locked(self, job_ids: list[uuid.UUID]) -> bool:
-        """Whether a transaction holds any of these jobs' rows."""
+    async def _locked(self, job_ids: list[uuid.UUID]) -> set[uuid.UUID]:
+        """Those of these jobs whose rows a transaction holds."""
         assert self.stamping is not None
         async with self.stamping.acquire() as connection, connection.transaction():
             free = await connection.fetch(
                 "SELECT id FROM stamping_jobs WHERE id = ANY($1) FOR UPDATE SKIP LOCKED",
                 job_ids,
             )
-        return len(free) < len(job_ids)
+        return set(job_ids) - {row["id"] for row in free}
 
     # Worker logs.
 

@@ -151,3 +151,50 @@ async def test_unknown_job_ids_are_ignored(stack: ServiceStack) -> None:
         return skipped_jobs() > before
 
     await wait_for(skipped, within=30)
+
+
+@pytest.mark.workers(0)
+@pytest.mark.settings(stamping={"republish_after_seconds": 1.0})
+async def test_a_job_another_transaction_is_recording_is_skipped_not_waited_for(
+    stack: ServiceStack,
+) -> None:
+    """A worker frozen while recording a job keeps its row locked; another worker handed
+    that job must not wait behind it (its consumer slot would stall with it), and takes the
+    job once the lock is gone."""
+    await stack.mint(2)
+    api_key = await stack.create_distributor()
+    async with stack.client(api_key) as client:
+        await client.post("/api/v1/purchases", json={"quantity": 2})
+        locked_id, free_id = [
+            (
+                await client.post(
+                    "/api/v1/stampings", files={"file": ("a.pdf", make_pdf(1), "application/pdf")}
+                )
+            ).json()["id"]
+            for _ in range(2)
+        ]
+        holder = await asyncpg.connect(stack.stamping_db)
+        try:
+            recording = holder.transaction()
+            await recording.start()
+            await holder.execute(
+                "SELECT 1 FROM stamping_jobs WHERE id = $1 FOR UPDATE", uuid.UUID(locked_id)
+            )
+            before = skipped_jobs()
+            await stack.add_worker()
+
+            async def done(job_id: str) -> bool:
+                return (await _job(client, job_id))["status"] == "done"
+
+            await wait_for(lambda: done(free_id), within=60)
+
+            async def skipped() -> bool:
+                return skipped_jobs() > before
+
+            await wait_for(skipped, within=30)
+            assert (await _job(client, locked_id))["status"] == "queued"
+            await recording.rollback()
+        finally:
+            await holder.close()
+        # Published again by the relay, it is taken now that nobody holds it.
+        await wait_for(lambda: done(locked_id), within=60)
