@@ -101,7 +101,7 @@ async def authenticate(request: Request, route: Route) -> Principal | None:
         token = request.headers.get(ADMISSION_HEADER) or request.cookies.get(ADMISSION_COOKIE)
         if token:
             codec: AdmissionCodec = state.admission_codec
-            admission = codec.verify(token, event=state.settings.event)
+            admission = codec.verify(token, event=state.settings.event, to_buy=route.buys)
             return Principal(PrincipalKind.applicant, admission.applicant_id)
         raise MissingCredentials(
             "Distributors send `Authorization: Bearer <api key>`; applicants pass the waiting "

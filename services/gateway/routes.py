@@ -38,6 +38,9 @@ class Route:
     upstream: Upstream
     access: Access
     route_class: RouteClass
+    # An applicant needs a live admission here (it buys); elsewhere a credential still within
+    # its keep horizon serves (it uses what was bought): see services.platform.admission.
+    buys: bool = False
 
 
 ROUTES: tuple[Route, ...] = (
@@ -53,7 +56,14 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/ops/queue", Upstream.queue, Access.operator, RouteClass.read),
     Route("PATCH", "/ops/queue", Upstream.queue, Access.operator, RouteClass.write),
     # Purchases.
-    Route("POST", "/api/v1/purchases", Upstream.inventory, Access.customer, RouteClass.write),
+    Route(
+        "POST",
+        "/api/v1/purchases",
+        Upstream.inventory,
+        Access.customer,
+        RouteClass.write,
+        buys=True,
+    ),
     Route(
         "GET",
         "/api/v1/purchases/{purchase_id}",

@@ -66,7 +66,9 @@ def create_app(settings: QueueSettings | None = None) -> FastAPI:
         app.state.ticket_codec = TicketCodec(secret, settings.event)
         app.state.proof_of_work = ProofOfWork(secret)
         app.state.admission_codec = AdmissionCodec(
-            secret, ttl_seconds=settings.admission_ttl_seconds
+            secret,
+            ttl_seconds=settings.admission_ttl_seconds,
+            keep_seconds=settings.admission_keep_seconds,
         )
         with suppress(aioredis.RedisError, OSError):
             await room.refresh()  # readiness reports Redis if this fails

@@ -25,6 +25,9 @@ class QueueSettings(ServiceSettings):
     )
     # How long an admission credential lasts; it is renewed while the applicant is active.
     admission_ttl_seconds: int = 900
+    # How long it still serves to use what was bought (pay, upload, download) once it no longer
+    # buys: an applicant who paid is never sent back to the queue for that.
+    admission_keep_seconds: int = 7 * 24 * 3600
     # Defaults for a new event; operators change them at run time with PATCH /ops/queue.
     admit_per_minute: int = 600
     max_active: int = 5_000

@@ -184,7 +184,7 @@ async def _status(app: Any, ticket: Ticket) -> Reply:
     room.note_seen(number)  # keeps the session active
     admission_codec: AdmissionCodec = app.state.admission_codec
     credential = admission_codec.issue(settings_of(app).event, number)
-    cookies.append(_cookie(app, ADMISSION_COOKIE, credential, admission_codec.ttl_seconds))
+    cookies.append(_cookie(app, ADMISSION_COOKIE, credential, admission_codec.keep_seconds))
     poll = _jitter(min(MAX_POLL_SECONDS, admission_codec.ttl_seconds / 3))
     return _body(TicketState.admitted, 0, 0, poll, token, admission=credential), cookies
 
