@@ -92,6 +92,19 @@ def migrate() -> None:
         click.echo(f"{service}: migrated")
 
 
+def _faults_option(_: click.Context, __: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    from meterai.surge.faults import parse_faults
+    from meterai.surge.prepare import SurgeError
+
+    try:
+        parse_faults(value)
+    except SurgeError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    return value
+
+
 @main.command()
 @click.option("--applicants", type=click.IntRange(min=1), default=20_000, show_default=True)
 @click.option(
@@ -182,6 +195,28 @@ def migrate() -> None:
     "in flight, or they queue in the load generator).",
 )
 @click.option(
+    "--faults",
+    default=None,
+    callback=_faults_option,
+    help="During the rush, kill or restart parts of the local stack one at a time: `all`, or "
+    "some of worker,stamping,inventory,queue,gateway,broker,postgres,redis; the report has "
+    "a table of recovery times, what clients saw and the invariants after each.",
+)
+@click.option(
+    "--fault-first-after",
+    type=click.FloatRange(min=0),
+    default=15.0,
+    show_default=True,
+    help="Seconds into the rush before the first fault.",
+)
+@click.option(
+    "--fault-gap",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="Seconds between one fault's recovery and the next fault.",
+)
+@click.option(
     "--gateway", default=None, help="The stack's public URL [default: the running `meterai up`]."
 )
 @click.pass_context
@@ -202,6 +237,9 @@ def surge(
     max_minutes: float,
     settle_seconds: float,
     connections: int,
+    faults: str | None,
+    fault_first_after: float,
+    fault_gap: float,
     gateway: str | None,
 ) -> None:
     """Rehearse a deadline rush against the running stack and write a report (HTML + PNG).
@@ -240,6 +278,9 @@ def surge(
         drain_seconds=settle_seconds,
         stack_pid=stack_pid,
         connections=connections,
+        faults=faults,
+        fault_first_after=fault_first_after,
+        fault_gap=fault_gap,
     )
     try:
         code = run_surge(options, _announce)

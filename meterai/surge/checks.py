@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from meterai.surge.plan import in_sample
 from meterai.surge.prepare import Target
-from meterai.surge.records import Outcome, Records
+from meterai.surge.records import Outcome, Records, Request
 from services.inventory import service as inventory
 from services.platform.db import create_engine, create_sessionmaker, transaction
 
@@ -123,8 +123,11 @@ async def settle(
         await db.close()
 
 
-async def verify_run(target: Target, records: Records) -> Verdict:
-    """Every invariant of the run, and its stamping throughput."""
+async def verify_run(
+    target: Target, records: Records, faults: Sequence[tuple[float, float]] = ()
+) -> Verdict:
+    """Every invariant of the run, and its stamping throughput. During `faults` (windows of
+    time a part was down) requests that got no answer and were sent again are expected."""
     db = Databases(target)
     try:
         jobs = await db.rows(
@@ -185,7 +188,7 @@ async def verify_run(target: Target, records: Records) -> Verdict:
         _downloads_recorded(records, by_id),
         _sample_verified(records),
         _everyone_stamped(records),
-        _no_server_errors(records),
+        _no_server_errors(records, faults),
     ]
     done = [job["finished_at"] for job in jobs if job["status"] == "done" and job["finished_at"]]
     return Verdict(checks, Throughput.of(done))
@@ -299,14 +302,29 @@ def _everyone_stamped(records: Records) -> Check:
     return Check("Every applicant and distributor got their stamps", ok, detail)
 
 
-def _no_server_errors(records: Records) -> Check:
+def overlaps(request: Request, window: tuple[float, float]) -> bool:
+    """Whether the request was under way at some moment of `window` (it may have started
+    before a fault and ended, unanswered, because of it)."""
+    start, end = window
+    return request.at <= end and request.at + request.ms / 1000 >= start
+
+
+def _no_server_errors(records: Records, faults: Sequence[tuple[float, float]] = ()) -> Check:
+    def during_fault(request: Request) -> bool:
+        return any(overlaps(request, window) for window in faults)
+
+    unanswered = [r for r in records.requests if r.outcome is Outcome.transport]
+    excused = [r for r in unanswered if during_fault(r)]
     bad = Counter(
         (r.step, r.status)
         for r in records.requests
-        if r.outcome in (Outcome.server_error, Outcome.transport)
+        if r.outcome is Outcome.server_error
+        or (r.outcome is Outcome.transport and not during_fault(r))
     )
     shed = sum(1 for r in records.requests if r.status == 503 and r.outcome is Outcome.retried)
     detail = f"{len(records.requests):,} requests; {shed:,} shed with 503 and Retry-After"
+    if excused:
+        detail += f"; {len(excused):,} unanswered while a part was down, sent again"
     if bad:
         detail += "; " + ", ".join(
             f"{step} {status or 'no answer'}: {n}" for (step, status), n in bad.most_common(8)

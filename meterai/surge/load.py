@@ -339,9 +339,7 @@ class Applicant(Person):
             return self.join(proof=solve(body["challenge"], int(body["difficulty"])))
         if response.status_code != 200:
             raise GaveUp(f"join refused: {body.get('code', response.status_code)}")
-        self.ticket = str(body["ticket"])
-        kind, number, _ = self.ticket.split(".", 2)
-        self.me.queue_number = int(number) if kind == "n" else None
+        self._hold(str(body["ticket"]))
         return body
 
     def poll(self) -> dict[str, Any]:
@@ -358,10 +356,16 @@ class Applicant(Person):
         if response.status_code != 200:
             raise GaveUp(f"status refused: {body.get('code', response.status_code)}")
         if body.get("ticket"):
-            self.ticket = str(body["ticket"])
-            kind, number, _ = self.ticket.split(".", 2)
-            self.me.queue_number = int(number) if kind == "n" else self.me.queue_number
+            self._hold(str(body["ticket"]))
         return body
+
+    def _hold(self, ticket: str) -> None:
+        """Keep the ticket the room gave; note its number when it is a new one (a pre-queue
+        ticket has none yet)."""
+        self.ticket = ticket
+        kind, number, _ = ticket.split(".", 2)
+        if kind == "n" and int(number) != self.me.queue_number:
+            self.me.queue_number, self.me.numbered_at = int(number), time.time()
 
     def renew(self) -> dict[str, str]:
         """A fresh admission credential (the page asks the room once after a 401)."""

@@ -78,6 +78,7 @@ class ApplicantResult:
     index: int
     address: str
     queue_number: int | None = None
+    numbered_at: float | None = None  # when the room gave it that number
     purchase_id: str | None = None
     payment_reference: str | None = None
     serial: str | None = None

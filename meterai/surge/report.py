@@ -23,6 +23,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from meterai.surge.checks import Verdict  # noqa: E402
 from meterai.surge.cpu import SIGNING, CpuUse  # noqa: E402
+from meterai.surge.faults import FaultResult, client_view  # noqa: E402
 from meterai.surge.records import Milestone, Outcome, Records  # noqa: E402
 
 CHARTS = ("progress.png", "room.png", "throughput.png", "latency.png", "errors.png")
@@ -316,6 +317,7 @@ def write_report(
     ramp_seconds: float,
     curve: str,
     distributors: int,
+    faults: Sequence[FaultResult] = (),
 ) -> Path:
     """Draw the charts and write `index.html` next to them; returns the page's path."""
     draw_charts(records, verdict, figures_.baseline_rate, out)
@@ -337,6 +339,7 @@ def write_report(
         cpu_rows=_cpu_rows(figures_.cpu, records.summary.applicants),
         signing_share=figures_.cpu.share(SIGNING) if figures_.cpu else None,
         charts=CHARTS,
+        faults=[_fault_row(fault, records) for fault in faults],
     )
     path = out / "index.html"
     path.write_text(html)
@@ -351,3 +354,17 @@ def _cpu_rows(cpu: CpuUse | None, applicants: int) -> list[tuple[str, float, flo
         (role, seconds, 1000 * seconds / max(1, applicants), cpu.share(role))
         for role, seconds in sorted(cpu.seconds.items(), key=lambda item: -item[1])
     ]
+
+
+def _fault_row(fault: FaultResult, records: Records) -> dict[str, Any]:
+    view = client_view(records, fault)
+    return {
+        "what": fault.what,
+        "at": fault.at - records.summary.started,
+        "back": fault.back_after,
+        "recovered": fault.recovered_after,
+        "waited_for": fault.waited_for,
+        "ok": fault.ok,
+        "clients": view.detail,
+        "checks": fault.checks,
+    }

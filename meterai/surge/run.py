@@ -14,9 +14,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from meterai.surge.checks import settle, verify_run
 from meterai.surge.cpu import SIGNING, CpuSnapshot, CpuUse
 from meterai.surge.document import reference_document
+from meterai.surge.faults import Injector, assess, parse_faults
 from meterai.surge.plan import Plan
 from meterai.surge.prepare import (
     SurgeError,
@@ -30,6 +33,8 @@ from meterai.surge.prepare import (
 )
 from meterai.surge.records import Records
 from meterai.surge.report import figures, write_report
+from services.queue.config import QueueSettings
+from services.stamping.config import StampingSettings
 
 
 @dataclass(frozen=True)
@@ -51,12 +56,50 @@ class SurgeOptions:
     drain_seconds: float = 300.0
     connections: int = 2048
     stack_pid: int | None = None  # a local `meterai up`: its CPU use is reported
+    faults: str | None = None  # "all", or part names with commas (see meterai.surge.faults)
+    fault_first_after: float = 15.0
+    fault_gap: float = 10.0
 
 
 def _cpu_snapshot(options: SurgeOptions) -> CpuSnapshot | None:
     if options.stack_pid is None:
         return None
     return CpuSnapshot.take(options.stack_pid, os.getpid())
+
+
+def _injector(
+    target: Target, options: SurgeOptions, run_id: str, say: Callable[[str], None]
+) -> Injector:
+    """The fault injector for a local `meterai up`, with a canary distributor of its own."""
+    if options.stack_pid is None:
+        raise SurgeError("faults are injected only into a local `meterai up` (no --gateway)")
+    parts = parse_faults(options.faults or "")
+    (canary,) = asyncio.run(create_distributors(target, 1, len(parts), f"{run_id}-canary"))
+    injector = Injector(
+        target,
+        options.stack_pid,
+        parts,
+        canary,
+        first_after=options.fault_first_after,
+        gap=options.fault_gap,
+        say=say,
+        redis_url=QueueSettings().redis_url,
+        kafka_bootstrap=StampingSettings().kafka_bootstrap_servers,
+    )
+    injector.check_parts()
+    return injector
+
+
+async def _restore_room(target: Target, settings: dict[str, Any]) -> None:
+    """Put the room back as it was (retried: a fault may have just ended)."""
+    for attempt in range(10):
+        try:
+            await set_room(target, **settings)
+            return
+        except (SurgeError, httpx.HTTPError):
+            if attempt == 9:
+                raise
+            await asyncio.sleep(1.0)
 
 
 def run_surge(options: SurgeOptions, say: Callable[[str], None]) -> int:
@@ -75,6 +118,10 @@ def run_surge(options: SurgeOptions, say: Callable[[str], None]) -> int:
         )
     )
     distributor_stamps = options.distributors * options.batches * options.batch_size
+    injector = None
+    if options.faults:
+        injector = _injector(target, options, run_id, say)
+        distributor_stamps += len(injector.parts)
     minted = asyncio.run(ensure_serials(target, options.applicants + distributor_stamps))
     if minted:
         say(f"minted {minted:,} serials")
@@ -122,15 +169,21 @@ def run_surge(options: SurgeOptions, say: Callable[[str], None]) -> int:
             plan_path = Path(private) / "plan.json"
             plan.write(plan_path)
             cpu_before = _cpu_snapshot(options)
-            load = subprocess.run(  # noqa: S603 - our own module, with fixed arguments
-                [sys.executable, "-m", "meterai.surge.load", str(plan_path)], check=False
-            )
+            if injector is not None:
+                injector.start()
+            try:
+                load = subprocess.run(  # noqa: S603 - our own module, with fixed arguments
+                    [sys.executable, "-m", "meterai.surge.load", str(plan_path)], check=False
+                )
+            finally:
+                if injector is not None:
+                    injector.stop()  # a fault under way is seen through; no new one starts
             if load.returncode != 0:
                 raise SurgeError(f"the load process failed (exit {load.returncode})")
             cpu_after = _cpu_snapshot(options)
     finally:
         if changes:
-            asyncio.run(set_room(target, **{name: before[name] for name in changes}))
+            asyncio.run(_restore_room(target, {name: before[name] for name in changes}))
     records = Records.read(out / "records")
     cpu = None
     if cpu_before is not None and cpu_after is not None:
@@ -138,7 +191,11 @@ def run_surge(options: SurgeOptions, say: Callable[[str], None]) -> int:
         cpu = CpuUse.between(cpu_before, cpu_after, records.summary.cpu_seconds, wall)
     say("load over; waiting for the last jobs and bookings to settle")
     asyncio.run(settle(target, records, options.drain_seconds, say))
-    verdict = asyncio.run(verify_run(target, records))
+    faults = injector.results if injector is not None else []
+    verdict = asyncio.run(verify_run(target, records, faults=[f.window for f in faults]))
+    if injector is not None:
+        asyncio.run(assess(target, records, faults))
+        verdict.checks.append(injector.verdict())
     numbers = figures(records, verdict, options.baseline, cpu)
     page = write_report(
         records,
@@ -149,6 +206,7 @@ def run_surge(options: SurgeOptions, say: Callable[[str], None]) -> int:
         ramp_seconds=options.ramp_seconds,
         curve=options.curve,
         distributors=options.distributors,
+        faults=faults,
     )
     ratio = f" = {100 * numbers.ratio:.0f}% of standalone" if numbers.ratio is not None else ""
     if cpu is not None:
@@ -173,6 +231,7 @@ def run_surge(options: SurgeOptions, say: Callable[[str], None]) -> int:
                 "steps": [asdict(step) for step in numbers.steps],
                 "cpu_seconds": cpu.seconds if cpu else None,
                 "signing_share_of_machine": cpu.share(SIGNING) if cpu else None,
+                "faults": [fault.as_dict() for fault in faults],
             },
             indent=2,
         )

@@ -187,7 +187,8 @@ async def ensure_databases(server_url: str, names: list[str]) -> None:
 
 @dataclass
 class EmbeddedRedis:
-    """A Redis server with an append-only file in `data_dir`, so counters survive restarts."""
+    """A Redis server with an append-only file in `data_dir`, so counters survive restarts and
+    crashes."""
 
     data_dir: Path
     port: int
@@ -214,8 +215,10 @@ class EmbeddedRedis:
                 str(self.data_dir),
                 "--appendonly",
                 "yes",
+                # Every write on disk before it is answered: a queue number once given is never
+                # given again, even if the server is killed (everysec could lose a second).
                 "--appendfsync",
-                "everysec",
+                "always",
                 "--save",
                 "",
                 "--daemonize",

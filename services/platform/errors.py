@@ -145,6 +145,38 @@ def _validation_problem(exc: RequestValidationError) -> JSONResponse:
     )
 
 
+# SQLSTATE classes of a server that is not there for now: 08 connection exception, 57
+# operator intervention (shutting down, starting up, terminated by the administrator).
+_UNAVAILABLE_SQLSTATES = ("08", "57")
+
+
+def database_gone(exc: BaseException) -> bool:
+    """Whether a database error means the server is unreachable, stopping or starting (come
+    back shortly), not that the statement was wrong."""
+    if isinstance(
+        exc,
+        (
+            sqlalchemy.exc.TimeoutError,
+            sqlalchemy.exc.OperationalError,
+            sqlalchemy.exc.InterfaceError,
+            ConnectionError,
+        ),
+    ):
+        return True
+    if not isinstance(exc, sqlalchemy.exc.DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    # The driver's error, and what it wraps (asyncpg's own exception carries the SQLSTATE).
+    for error in (exc.orig, getattr(exc.orig, "__cause__", None)):
+        sqlstate = getattr(error, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATES):
+            return True
+        if type(error).__name__ in ("ConnectionDoesNotExistError", "ConnectionFailureError"):
+            return True
+    return False
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Render domain errors, validation errors, routing errors and crashes as problem+json."""
 
@@ -189,9 +221,11 @@ def install_error_handlers(app: FastAPI) -> None:
             headers={REQUEST_ID_HEADER: request_id} if isinstance(request_id, str) else None,
         )
 
-    async def database_unavailable(_: Request, exc: Exception) -> JSONResponse:
+    async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
         # No connection within the pool timeout, or the server is gone: the caller should
         # come back shortly, which is what a 503 with Retry-After says (never a 500).
+        if not database_gone(exc):
+            return await crash(request, exc)  # a wrong statement is a bug
         log.warning("database_unavailable", error=repr(exc))
         return problem_response(
             503,
@@ -203,8 +237,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(MeteraiError, domain_error)
     app.add_exception_handler(sqlalchemy.exc.TimeoutError, database_unavailable)
-    app.add_exception_handler(sqlalchemy.exc.OperationalError, database_unavailable)
-    app.add_exception_handler(sqlalchemy.exc.InterfaceError, database_unavailable)
+    app.add_exception_handler(sqlalchemy.exc.DBAPIError, database_unavailable)
+    # A refused or reset connect (asyncpg raises the OS error itself while connecting).
+    app.add_exception_handler(ConnectionError, database_unavailable)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, crash)

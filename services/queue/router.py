@@ -196,7 +196,8 @@ def _view(request: Request, view: RoomView) -> QueueView:
 async def get_queue(request: Request, principal: CurrentPrincipal) -> QueueView:
     """Length, admitted, active sessions, rates, and the run-time settings."""
     _require_operator(principal.kind)
-    return _view(request, await service.room_of(request.app).refresh())
+    with service.room_reachable():
+        return _view(request, await service.room_of(request.app).refresh())
 
 
 @ops.patch("/ops/queue", response_model=QueueView, summary="Change admission")
@@ -212,5 +213,6 @@ async def patch_queue(body: QueuePatch, request: Request, principal: CurrentPrin
     if changes.get("opens_at") is not None:
         changes["opens_at"] = changes["opens_at"].timestamp()
     room = service.room_of(request.app)
-    await room.update_config(**changes)
+    with service.room_reachable():
+        await room.update_config(**changes)
     return _view(request, room.view)

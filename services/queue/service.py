@@ -50,7 +50,7 @@ class RoomUnavailable(ServiceUnavailable):
 
 
 @contextmanager
-def _room_reachable() -> Iterator[None]:
+def room_reachable() -> Iterator[None]:
     """The room's store (Redis) failing is a 503 with Retry-After: places are kept there, and
     the page tries again by itself."""
     try:
@@ -102,14 +102,14 @@ async def status(app: Any, ticket: Ticket | None) -> Reply:
     the admission credential (renewed on every poll while the session is active)."""
     if ticket is None:
         raise NoTicket("Join the queue first (POST /queue/join).")
-    with _room_reachable():
+    with room_reachable():
         return await _status(app, ticket)
 
 
 async def join(app: Any, ticket: Ticket | None, *, client_ip: str, proof: str | None) -> Reply:
     """A place in the queue, or the status of `ticket` if it still holds one (a refresh or a
     second tab keeps the place; an expired ticket joins again, at the back)."""
-    with _room_reachable():
+    with room_reachable():
         return await _join(app, ticket, client_ip=client_ip, proof=proof)
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
 import pytest
 from fastapi import APIRouter, FastAPI
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -23,6 +24,7 @@ from services.platform.db import (
 )
 from services.platform.embedded import free_port
 from services.platform.errors import Conflict
+from tests.harness import wait_for
 from tests.platform.apps import asgi_client, assert_problem, service_app
 from tests.platform.scratch import notes
 
@@ -149,3 +151,58 @@ async def test_the_request_session_commits_before_the_response_and_rolls_back_on
     assert created.status_code == 201
     assert_problem(refused, 409, "conflict")
     assert await texts(sessions, marker) == [f"{marker}-ok"]
+
+
+@router.get("/notes/wait")
+async def wait_in_a_query(session: SessionDep) -> dict[str, str]:
+    await session.execute(text("SELECT pg_sleep(30)"))
+    return {}
+
+
+@router.get("/notes/wrong")
+async def wrong_statement(session: SessionDep) -> dict[str, str]:
+    await session.execute(text("SELECT * FROM no_such_table"))
+    return {}
+
+
+async def test_a_database_that_goes_away_is_a_503_and_a_wrong_statement_a_500(
+    app: FastAPI, engine: AsyncEngine, scratch_database: str
+) -> None:
+    """While PostgreSQL restarts, sessions are ended (SQLSTATE 57P01) and connects are refused:
+    the caller should come back shortly (503 with Retry-After), never see a 500."""
+    async with asgi_client(app) as client:
+        waiting = asyncio.create_task(client.get("/notes/wait"))
+
+        async def in_the_query() -> int:
+            async with engine.connect() as connection:
+                return int(
+                    await connection.scalar(
+                        text(
+                            "SELECT count(*) FROM pg_stat_activity "
+                            "WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'"
+                        )
+                    )
+                    or 0
+                )
+
+        await wait_for(in_the_query, within=10, interval=0.05)
+        async with engine.connect() as connection:
+            await connection.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE query = 'SELECT pg_sleep(30)'"
+                )
+            )
+        ended = await waiting
+        wrong = await client.get("/notes/wrong")
+    assert_problem(ended, 503, "database_unavailable")
+    assert ended.headers["retry-after"] == "2"
+    assert_problem(wrong, 500, "internal_error")
+
+    refused_sessions = create_sessionmaker(
+        create_engine(f"postgresql://postgres@127.0.0.1:{free_port()}/gone", pool_size=1)
+    )
+    app.state.sessionmaker = refused_sessions
+    async with asgi_client(app) as client:
+        refused = await client.get("/notes/wait")
+    assert_problem(refused, 503, "database_unavailable")
