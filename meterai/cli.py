@@ -199,8 +199,8 @@ def _faults_option(_: click.Context, __: click.Parameter, value: str | None) -> 
     default=None,
     callback=_faults_option,
     help="During the rush, kill or restart parts of the local stack one at a time: `all`, or "
-    "some of worker,stamping,inventory,queue,gateway,broker,postgres,redis; the report has "
-    "a table of recovery times, what clients saw and the invariants after each.",
+    "some of worker,stamping,inventory,queue,gateway,broker,postgres,redis,redis-lost; the "
+    "report has a table of recovery times, what clients saw and the invariants after each.",
 )
 @click.option(
     "--fault-first-after",

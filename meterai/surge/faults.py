@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import signal
 import threading
 import time
@@ -28,6 +29,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -59,6 +61,7 @@ class Part:
     what: str  # for people
     marker: str  # in the command line of the stack's direct child
     signal: signal.Signals = signal.SIGKILL
+    wipe: bool = False  # delete its data before it comes back (Redis: `--dir`)
 
 
 PARTS: dict[str, Part] = {
@@ -73,6 +76,8 @@ PARTS: dict[str, Part] = {
         # SIGINT is PostgreSQL's fast shutdown: every session is ended, as in a restart.
         Part("postgres", "restart PostgreSQL", "postgres", signal.SIGINT),
         Part("redis", "SIGKILL Redis", "redis-server"),
+        # As after a failover to a replica that had not caught up: the room must be rebuilt.
+        Part("redis-lost", "SIGKILL Redis and delete its data", "redis-server", wipe=True),
     )
 }
 
@@ -157,7 +162,8 @@ class StackProcesses:
             raise SurgeError(f"the stack (pid {self.stack_pid}) is gone") from exc
         for child in sorted(children, key=lambda process: process.pid):
             try:
-                argv = child.cmdline()
+                # A process that rewrites its title (Redis) pads it with empty arguments.
+                argv = [argument for argument in child.cmdline() if argument]
                 if child.status() == psutil.STATUS_ZOMBIE:
                     continue
                 if command is not None and argv != command:
@@ -216,6 +222,12 @@ class Injector:
         recovered in time with every invariant true."""
         failed = [result for result in self.results if not result.ok]
         skipped = self.parts[len(self.results) :]
+        if self.error is not None:
+            return Check(
+                f"Every fault recovered within {RECOVER_WITHIN_SECONDS:.0f} s, invariants true",
+                False,
+                f"the fault injector stopped after {len(self.results)} faults: {self.error!r}",
+            )
         recovered = [r.recovered_after for r in self.results if r.recovered_after is not None]
         detail = f"{len(self.results)} of {len(self.parts)} faults injected"
         if recovered:
@@ -269,6 +281,7 @@ class Injector:
             asyncio.run(self._inject_all())
         except BaseException as exc:  # noqa: BLE001 - reported by the surge, not lost
             self.error = exc
+            self.say(f"fault injection stopped: {exc!r}")
 
     async def _sleep(self, seconds: float) -> bool:
         """Sleep unless asked to stop; False if asked."""
@@ -307,10 +320,14 @@ class Injector:
         serving_before = await self._serving(client)
         in_flight = await _unfinished_jobs(db)
         self.say(f"fault {number}/{len(self.parts)}: {part.what} (pid {process.pid})")
-        command = process.cmdline()
+        command = [argument for argument in process.cmdline() if argument]
+        # Redis rewrites its process title, but works in its data directory (`--dir`).
+        data_dir = Path(process.cwd()) if part.wipe else None
         result = FaultResult(part.name, part.what, time.time(), process.pid, in_flight=in_flight)
         process.send_signal(part.signal)
         await asyncio.to_thread(_wait_gone, process)
+        if data_dir is not None:
+            _wipe_redis_data(data_dir)
         replacement = await self._until(
             lambda: self._back(part, command, process.pid, db), BACK_WITHIN_SECONDS
         )
@@ -353,7 +370,7 @@ class Injector:
         if part.name == "postgres":
             async with db.inventory.connect() as connection:
                 await connection.execute(text("SELECT 1"))
-        elif part.name == "redis":
+        elif part.marker == "redis-server":
             redis = aioredis.from_url(self.redis_url, socket_timeout=2)
             try:
                 await redis.ping()
@@ -442,6 +459,14 @@ def _wait_gone(process: psutil.Process) -> None:
         process.kill()
     except psutil.Error:
         pass
+
+
+def _wipe_redis_data(directory: Path) -> None:
+    """Delete what a stopped Redis server kept in `directory` (before the supervisor restarts
+    it, a second later): it comes back empty."""
+    shutil.rmtree(directory / "appendonlydir", ignore_errors=True)  # Redis 7
+    for name in ("appendonly.aof", "dump.rdb"):  # Redis 6; a snapshot
+        (directory / name).unlink(missing_ok=True)
 
 
 async def _unfinished_jobs(db: Databases) -> list[str]:

@@ -61,6 +61,7 @@ def create_app(settings: QueueSettings | None = None) -> FastAPI:
             join_limit_window_seconds=settings.join_limit_window_seconds,
             ticket_ttl_seconds=settings.ticket_ttl_seconds,
             session_seconds=settings.session_seconds,
+            rebuild_hold_seconds=settings.rebuild_hold_seconds,
         )
         secret = settings.admission_secret.get_secret_value()
         app.state.ticket_codec = TicketCodec(secret, settings.event)

@@ -41,6 +41,9 @@ class QueueSettings(ServiceSettings):
     # an admitted session not seen for this long frees its slot under `max_active`.
     ticket_ttl_seconds: float = 120.0
     session_seconds: float = 900.0
+    # Should Redis come back without the room, admission waits this long after rebuilding it,
+    # so that every waiting page has polled again (longer than the longest poll interval).
+    rebuild_hold_seconds: float = 40.0
     # Joins per address per window (0 = unlimited); a whole office behind one NAT must fit.
     join_limit_per_ip: int = 300
     join_limit_window_seconds: int = 60

@@ -15,6 +15,16 @@ Per event, Redis holds two monotonic counters and a few sets:
 Each replica refreshes a :class:`RoomView` (counters, configuration, measured admission rate)
 in the background every ``refresh_seconds``; status requests read only that view, so waiting
 people cost no network I/O. Polls are remembered in memory and written to ``seen`` in batches.
+
+Redis keeps all this durably (append-only, fsync per write). Should it come back empty anyway
+(a failover to a replica that had not caught up), the room is rebuilt rather than restarted:
+``alive`` marks a room that exists, and without it joins and admission refuse to act until a
+replica that knew the room has put its counters back, no lower than it last saw them (the queue
+numbers with a margin for what other replicas gave meanwhile), so no number is given twice and
+nobody's position moves back. Then, for a while (``hold``), admission waits for the waiting
+tickets to poll again (their ``seen`` entries were lost, and admission skips unseen tickets),
+and for a session's length (``rebuilt``) an admitted ticket that polls gets its session back,
+and admission counts at least the sessions that were active before.
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ ACTIVE = Gauge("meterai_queue_active", "Admitted sessions still active")
 RATE = Gauge("meterai_queue_admission_rate_per_minute", "Measured admission rate")
 FACTOR = Gauge("meterai_queue_pressure_factor", "Share of the configured rate the backend allows")
 LEADER = Gauge("meterai_queue_leader", "1 while this replica runs admission")
+REBUILT = Counter("meterai_queue_rebuilt_total", "Times this replica rebuilt a room Redis lost")
 
 
 @dataclass(frozen=True)
@@ -100,6 +111,7 @@ class Joined:
 # Joins of one batch, in arrival order: per-IP fixed-window limit, then a pre-queue place before
 # the opening, else the next number (marked seen). Also draws the pre-queue if it is time.
 _JOIN = """
+if redis.call('EXISTS', KEYS[8]) == 0 then return {-2} end  -- the room must be rebuilt first
 local now_ms = tonumber(ARGV[1])
 local limit = tonumber(ARGV[2])
 local window = tonumber(ARGV[3])
@@ -156,8 +168,13 @@ local session_ms = tonumber(ARGV[5])
 local token = ARGV[6]
 local max_steps = tonumber(ARGV[7])
 if redis.call('GET', KEYS[5]) ~= token then return {-1, 0, 0} end
+if redis.call('EXISTS', KEYS[7]) == 0 then return {-2, 0, 0} end
+if redis.call('EXISTS', KEYS[8]) == 1 then return {0, 0, 0} end  -- rebuilt: hold
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now_ms)
-local free = max_active - redis.call('ZCARD', KEYS[4])
+local active = redis.call('ZCARD', KEYS[4])
+local active_before = tonumber(redis.call('GET', KEYS[9]) or '0')
+if active_before > active then active = active_before end
+local free = max_active - active
 if free < quota then quota = free end
 local tail = tonumber(redis.call('GET', KEYS[1]) or '0')
 local serving = tonumber(redis.call('GET', KEYS[2]) or '0')
@@ -193,6 +210,7 @@ return redis.call('INCR', KEYS[2])
 
 # Remember polls: waiting tickets in `seen`, admitted ones extend their session in `active`.
 _SEEN = """
+if redis.call('EXISTS', KEYS[4]) == 0 then return 0 end  -- lost: polled again after the rebuild
 local now_ms = tonumber(ARGV[1])
 local session_ms = tonumber(ARGV[2])
 local serving = tonumber(redis.call('GET', KEYS[3]) or '0')
@@ -208,6 +226,27 @@ return 1
 """
 
 
+# Put back a room Redis lost (see the module's docstring), unless another replica already did.
+_REBUILD = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local function raise(key, floor)
+    if tonumber(redis.call('GET', key) or '0') < floor then redis.call('SET', key, floor) end
+end
+raise(KEYS[2], tonumber(ARGV[1]))
+raise(KEYS[3], tonumber(ARGV[2]))
+raise(KEYS[4], tonumber(ARGV[3]))
+redis.call('SET', KEYS[5], ARGV[4], 'PX', ARGV[5])
+redis.call('SET', KEYS[6], '1', 'PX', ARGV[6])
+for i = 7, #ARGV, 2 do redis.call('HSETNX', KEYS[7], ARGV[i], ARGV[i + 1]) end
+redis.call('SET', KEYS[1], '1')
+return 1
+"""
+
+# Queue numbers other replicas may have given since this one last read the counter (gaps cost
+# admission nothing: it skips numbers nobody polls).
+REBUILD_MARGIN = 1000
+
+
 class Room:
     """One event's waiting room as seen from one replica."""
 
@@ -221,6 +260,7 @@ class Room:
         join_limit_window_seconds: int = 60,
         ticket_ttl_seconds: float = 120.0,
         session_seconds: float = 900.0,
+        rebuild_hold_seconds: float = 40.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.redis = redis
@@ -230,7 +270,10 @@ class Room:
         self.join_limit_window_seconds = join_limit_window_seconds
         self.ticket_ttl_seconds = ticket_ttl_seconds
         self.session_seconds = session_seconds
+        # After a rebuild, admission waits this long: longer than the longest poll interval.
+        self.rebuild_hold_seconds = rebuild_hold_seconds
         self.clock = clock
+        self.highest_number = 0  # the highest queue number this replica gave or was shown
         prefix = f"room:{{{event}}}:"  # one hash slot per event (Redis Cluster)
         self.keys = _Keys(prefix)
         self.view = RoomView(config=defaults)
@@ -243,6 +286,7 @@ class Room:
         self._admit_script = redis.register_script(_ADMIT)
         self._lead_script = redis.register_script(_LEAD)
         self._seen_script = redis.register_script(_SEEN)
+        self._rebuild_script = redis.register_script(_REBUILD)
 
     # Joining.
 
@@ -266,10 +310,13 @@ class Room:
         for arrival, prequeue_id in zip(arrivals, prequeue_ids, strict=True):
             args += [arrival.client_ip, prequeue_id]
         k = self.keys
-        results = await self._join_script(
-            keys=[k.tail, k.seen, k.joins, k.prequeue, k.config, k.drawn_numbers, k.drawn],
-            args=args,
-        )
+        keys = [k.tail, k.seen, k.joins, k.prequeue, k.config, k.drawn_numbers, k.drawn, k.alive]
+        results = await self._join_script(keys=keys, args=args)
+        if len(results) == 1 and int(results[0]) == -2:
+            await self.refresh()  # marks a new room alive, or rebuilds a lost one
+            results = await self._join_script(keys=keys, args=args)
+            if len(results) == 1 and int(results[0]) == -2:
+                raise aioredis.RedisError("the room was lost and is not rebuilt yet")
         joined = []
         for result, prequeue_id in zip(results, prequeue_ids, strict=True):
             value = int(result)
@@ -279,6 +326,7 @@ class Room:
                 joined.append(Joined(None, prequeue_id=prequeue_id))
             else:
                 joined.append(Joined(value))
+                self.highest_number = max(self.highest_number, value)
         return joined
 
     async def drawn_number(self, prequeue_id: str) -> int | None:
@@ -291,6 +339,8 @@ class Room:
     def note_seen(self, number: int) -> None:
         """Remember a poll; written to Redis by the next `flush_seen` (no I/O here)."""
         self._seen.add(number)
+        if number > self.highest_number:
+            self.highest_number = number
 
     async def flush_seen(self) -> None:
         if not self._seen:
@@ -298,7 +348,7 @@ class Room:
         numbers, self._seen = list(self._seen), set()
         k = self.keys
         await self._seen_script(
-            keys=[k.seen, k.active, k.serving],
+            keys=[k.seen, k.active, k.serving, k.alive],
             args=[int(self.clock() * 1000), int(self.session_seconds * 1000), *numbers],
         )
 
@@ -306,20 +356,35 @@ class Room:
         """True while `number` holds an admitted session (one round trip; only asked by the
         people at the front, never by the waiting)."""
         expiry = await self.redis.zscore(self.keys.active, number)
-        return expiry is not None and expiry > self.clock() * 1000
+        if expiry is not None:
+            return bool(expiry > self.clock() * 1000)
+        if number <= self.view.serving and await self.redis.exists(self.keys.rebuilt):
+            # Admitted before Redis lost the room: the session comes back with this poll.
+            session_ms = int((self.clock() + self.session_seconds) * 1000)
+            await self.redis.zadd(self.keys.active, {str(number): session_ms})
+            return True
+        return False
 
     # The cached view.
 
-    async def refresh(self) -> RoomView:
+    async def refresh(self, *, revived: bool = False) -> RoomView:
         """Read the counters and the configuration (one round trip) into `view`."""
         k = self.keys
         now = self.clock()
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.mget(k.tail, k.serving, k.admitted, k.drawn, k.factor)
+            pipe.mget(k.tail, k.serving, k.admitted, k.drawn, k.factor, k.alive)
             pipe.hgetall(k.config)
             pipe.zcount(k.active, int(now * 1000), "+inf")
             pipe.scard(k.prequeue)
-            (tail, serving, admitted, drawn, factor), raw, active, prequeue = await pipe.execute()
+            (
+                (tail, serving, admitted, drawn, factor, alive),
+                raw,
+                active,
+                prequeue,
+            ) = await pipe.execute()
+        if alive is None and not revived:
+            await self._revive()
+            return await self.refresh(revived=True)
         admitted_total = int(admitted or 0)
         self._samples.append((now, admitted_total))
         while self._samples and now - self._samples[0][0] > 60:
@@ -342,6 +407,45 @@ class Room:
         ACTIVE.set(self.view.active)
         RATE.set(rate)
         return self.view
+
+    async def _revive(self) -> None:
+        """Mark a new room alive, or rebuild one that Redis lost (this replica knew it)."""
+        view = self.view
+        if view.tail == 0 and view.serving == 0 and self.highest_number == 0:
+            await self.redis.set(self.keys.alive, "1", nx=True)
+            return
+        k = self.keys
+        config = view.config
+        fields = {
+            "admit_per_minute": str(config.admit_per_minute),
+            "max_active": str(config.max_active),
+            "paused": "1" if config.paused else "0",
+            "opens_at": "" if config.opens_at is None else repr(config.opens_at),
+            "pow_difficulty": str(config.pow_difficulty),
+        }
+        tail = max(view.tail, self.highest_number) + REBUILD_MARGIN
+        rebuilt = await self._rebuild_script(
+            keys=[k.alive, k.tail, k.serving, k.admitted, k.rebuilt, k.hold, k.config],
+            args=[
+                tail,
+                view.serving,
+                view.admitted_total,
+                view.active,
+                int(self.session_seconds * 1000),
+                int(self.rebuild_hold_seconds * 1000),
+                *[item for pair in fields.items() for item in pair],
+            ],
+        )
+        if rebuilt:
+            REBUILT.inc()
+            log.error(
+                "room_rebuilt",
+                detail="Redis had lost the room; counters put back from this replica's view",
+                tail=tail,
+                serving=view.serving,
+                active_before=view.active,
+                hold_seconds=self.rebuild_hold_seconds,
+            )
 
     def _config_from(self, raw: dict[bytes, bytes]) -> RoomConfig:
         d = self.defaults
@@ -422,7 +526,17 @@ class Room:
             return carry
         k = self.keys
         admitted, skipped, _ = await self._admit_script(
-            keys=[k.tail, k.serving, k.seen, k.active, k.epoch, k.admitted],
+            keys=[
+                k.tail,
+                k.serving,
+                k.seen,
+                k.active,
+                k.epoch,
+                k.admitted,
+                k.alive,
+                k.hold,
+                k.rebuilt,
+            ],
             args=[
                 int(self.clock() * 1000),
                 quota,
@@ -433,6 +547,9 @@ class Room:
                 max(quota * 20, 1000),
             ],
         )
+        if admitted == -2:
+            await self.refresh()  # lost: rebuild first
+            return 0.0
         if admitted < 0:
             log.warning("admission_fenced", detail="another replica took the lead")
             return 0.0
@@ -445,6 +562,7 @@ class Room:
         """Forget the event entirely (tests and rehearsals)."""
         await self.redis.delete(*self.keys.all())
         self.view = replace(RoomView(config=self.defaults))
+        self.highest_number = 0
 
 
 @dataclass
@@ -473,6 +591,6 @@ class _Keys:
     def all(self) -> list[str]:
         names = (
             "tail serving seen active joins prequeue config drawn_numbers drawn leader epoch "
-            "admitted factor"
+            "admitted factor alive hold rebuilt"
         ).split()
         return [getattr(self, name) for name in names]
