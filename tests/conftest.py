@@ -7,9 +7,11 @@ import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.harness import Infrastructure, ServiceStack, running_stack, start_infrastructure
+from tests.paysim import PaymentProvider
 
 
 @pytest.fixture(scope="session")
@@ -58,3 +60,16 @@ async def shared_stack(
     """One stack for a whole module, for tests that isolate themselves (own distributors)."""
     async with running_stack(infra, tmp_path_factory.mktemp("shared")) as started:
         yield started
+
+
+@pytest.fixture
+async def provider(stack: ServiceStack) -> AsyncIterator[httpx.AsyncClient]:
+    """The payment provider (a real HTTP server), pointed at the stack's notify URL; a client
+    of its own API (`POST /charges` pays a reference and sends the callback)."""
+    simulator = PaymentProvider.for_stack(stack)
+    url = await simulator.start()
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            yield client
+    finally:
+        await simulator.stop()

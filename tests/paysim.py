@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from meterai.paysim import ChargeIn, Delivery
 from meterai.paysim import PaymentProvider as _PaymentProvider
-from tests.harness import Served
+from tests.harness import PAYMENT_SECRET, Served, ServiceStack
 
 __all__ = ["ChargeIn", "Delivery", "PaymentProvider"]
 
@@ -16,6 +16,11 @@ class PaymentProvider(_PaymentProvider):
     """The simulator on a real port of this process (`start` returns its URL)."""
 
     served: Served | None = None
+
+    @classmethod
+    def for_stack(cls, stack: ServiceStack) -> PaymentProvider:
+        """The simulator, sending its signed callbacks to the stack's public notify URL."""
+        return cls(f"{stack.gateway_url}/api/v1/payments/notify", PAYMENT_SECRET)
 
     async def start(self) -> str:
         self.served = Served(self.app())

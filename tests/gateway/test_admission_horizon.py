@@ -6,27 +6,16 @@ until its keep horizon; buying more needs the room again."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 
 from services.platform.admission import AdmissionCodec, InvalidAdmission
-from tests.harness import ADMISSION_SECRET, PAYMENT_SECRET, ServiceStack, wait_for
-from tests.paysim import PaymentProvider
+from tests.harness import ADMISSION_SECRET, ServiceStack, wait_for
 from tests.pdfs import make_pdf
 
 TTL = 900
 KEEP = 7 * 24 * 3600
-
-
-@pytest.fixture
-async def provider(stack: ServiceStack) -> AsyncIterator[httpx.AsyncClient]:
-    simulator = PaymentProvider(f"{stack.gateway_url}/api/v1/payments/notify", PAYMENT_SECRET)
-    url = await simulator.start()
-    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-        yield client
-    await simulator.stop()
 
 
 def credential(stack: ServiceStack, ticket: int, issued_ago: float) -> str:

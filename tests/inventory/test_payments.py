@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -14,19 +13,8 @@ import pytest
 from services.platform import signatures
 from tests.harness import PAYMENT_SECRET, ServiceStack, wait_for
 from tests.inventory.test_purchases import ledger_and_balances
-from tests.paysim import PaymentProvider
 
 pytestmark = pytest.mark.workers(0)
-
-
-@pytest.fixture
-async def provider(stack: ServiceStack) -> AsyncIterator[httpx.AsyncClient]:
-    """The payment provider, pointed at Meterai's public notify URL."""
-    simulator = PaymentProvider(f"{stack.gateway_url}/api/v1/payments/notify", PAYMENT_SECRET)
-    url = await simulator.start()
-    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-        yield client
-    await simulator.stop()
 
 
 async def reconcile_ok(stack: ServiceStack) -> None:

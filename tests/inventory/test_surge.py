@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from meterai.cli import main as meterai
-from tests.harness import PAYMENT_SECRET, ServiceStack
+from tests.harness import ServiceStack
 from tests.paysim import PaymentProvider
 
 pytestmark = [
@@ -136,7 +136,7 @@ async def _surge(stack: ServiceStack, *, retries: bool) -> None:
     assert len(sold) == len(set(sold)) == SERIALS
 
     # Applicants pay for some reservations through the provider; the rest stay pending.
-    provider = PaymentProvider(f"{stack.gateway_url}/api/v1/payments/notify", PAYMENT_SECRET)
+    provider = PaymentProvider.for_stack(stack)
     paid = 0
     for outcome in outcomes:
         winners = [r.json() for r in outcome.responses if r.status_code == 201]

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from playwright.async_api import Browser, ConsoleMessage, Page, Route, async_playwright, expect
 
-from tests.harness import OPS_TOKEN, PAYMENT_SECRET, ServiceStack
+from tests.harness import OPS_TOKEN, ServiceStack
 from tests.paysim import PaymentProvider
 from tests.pdfs import make_pdf
 from tests.queue.test_pages import people_ahead
@@ -106,7 +106,7 @@ async def test_an_applicant_waits_is_admitted_buys_pays_and_downloads(
     stack: ServiceStack, browser: Browser, screenshot: Callable[[Page, str], Any], tmp_path: Path
 ) -> None:
     await stack.mint(2)
-    provider = PaymentProvider(f"{stack.gateway_url}/api/v1/payments/notify", PAYMENT_SECRET)
+    provider = PaymentProvider.for_stack(stack)
     provider_url = await provider.start()
     context = await browser.new_context(base_url=stack.gateway_url, **PHONE)
     try:
