@@ -26,6 +26,7 @@ from services.gateway.routes import Access, Route
 from services.gateway.shedding import ClassBudget
 from services.platform.admission import ADMISSION_COOKIE, ADMISSION_HEADER, AdmissionCodec
 from services.platform.errors import MeteraiError, ServiceUnavailable
+from services.platform.http import forwarded_client
 from services.platform.identity import PRINCIPAL_HEADER, Principal, PrincipalKind
 from services.platform.observability import REQUEST_ID_HEADER, request_id_of
 
@@ -122,13 +123,7 @@ class Limits:
 def client_address(request: Request, trusted_hops: int) -> str:
     """The caller's address: the peer, or the one `trusted_hops` proxies saw (X-Forwarded-For)."""
     peer = request.client.host if request.client else "unknown"
-    if trusted_hops <= 0:
-        return peer
-    forwarded = request.headers.get("x-forwarded-for")
-    if not forwarded:
-        return peer
-    hops = [hop.strip() for hop in forwarded.split(",")]
-    return hops[-trusted_hops] if len(hops) >= trusted_hops else hops[0]
+    return forwarded_client(peer, request.headers.get("x-forwarded-for"), trusted_hops)
 
 
 @dataclass(frozen=True)

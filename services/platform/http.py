@@ -36,6 +36,16 @@ def create_http_client(
     )
 
 
+def forwarded_client(peer: str, forwarded: str | None, trusted_hops: int) -> str:
+    """The caller's address: the X-Forwarded-For entry `trusted_hops` from the end (each proxy
+    we trust appends the address it saw; entries before those are the caller's to forge), else
+    the peer. At most 64 characters (it keys rate limits)."""
+    if trusted_hops <= 0 or not forwarded:
+        return peer
+    hops = forwarded.split(",")
+    return hops[-min(trusted_hops, len(hops))].strip()[:64]
+
+
 def current_request_id() -> str | None:
     """The request or job id bound to this task's log context, if any."""
     value = structlog.contextvars.get_contextvars().get("request_id")

@@ -21,6 +21,7 @@ from starlette.types import Scope
 
 from services.platform.admission import ADMISSION_COOKIE, AdmissionCodec
 from services.platform.errors import MeteraiError, ServiceUnavailable
+from services.platform.http import forwarded_client
 from services.queue.config import QueueSettings
 from services.queue.room import Arrival, Room
 from services.queue.tickets import ProofOfWork, Ticket, TicketCodec
@@ -248,14 +249,11 @@ def client_ip(scope: Scope, trusted_hops: int = 1) -> str:
     the peer."""
     client = scope.get("client")
     peer = str(client[0]) if client else "unknown"
-    if trusted_hops <= 0:
-        return peer
-    for name, value in scope["headers"]:
-        if name == b"x-forwarded-for":
-            forwarded: str = value.decode("latin-1")
-            hops = forwarded.split(",")
-            return hops[-min(trusted_hops, len(hops))].strip()[:64]
-    return peer
+    forwarded = next(
+        (value.decode("latin-1") for name, value in scope["headers"] if name == b"x-forwarded-for"),
+        None,
+    )
+    return forwarded_client(peer, forwarded, trusted_hops)
 
 
 def _require_proof(app: Any, proof: str | None, difficulty: int) -> None:

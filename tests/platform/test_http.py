@@ -7,7 +7,7 @@ import pytest
 import structlog
 from fastapi import APIRouter, FastAPI, Request
 
-from services.platform.http import ServiceClient, create_http_client
+from services.platform.http import ServiceClient, create_http_client, forwarded_client
 from services.platform.identity import CallingService, Principal, PrincipalCodec, PrincipalKind
 from tests.platform.apps import INTERNAL_SECRET, service_app
 
@@ -50,3 +50,21 @@ async def test_a_service_client_sends_its_principal_and_the_bound_request_id(app
     assert without_id.json() == {"caller": "service:stamping", "request_id": None}
     assert with_id.json() == {"caller": "service:stamping", "request_id": "job-1234-abcdef"}
     assert overridden.json()["request_id"] == "explicit-id-0001"
+
+
+@pytest.mark.parametrize(
+    ("forwarded", "hops", "expected"),
+    [
+        (None, 1, "10.0.0.9"),  # no header: the peer
+        ("203.0.113.7", 0, "10.0.0.9"),  # no proxy trusted: the header is ignored
+        ("203.0.113.7", 1, "203.0.113.7"),  # what the gateway saw
+        ("1.2.3.4, 203.0.113.7, 10.1.1.1", 2, "203.0.113.7"),  # behind a balancer
+        ("forged, 203.0.113.7", 1, "203.0.113.7"),  # the caller's own entries do not count
+        ("203.0.113.7", 3, "203.0.113.7"),  # fewer entries than hops: the first
+        (" " + "a" * 100, 1, "a" * 64),  # bounded: it keys rate limits
+    ],
+)
+def test_the_caller_is_the_entry_the_trusted_proxies_saw(
+    forwarded: str | None, hops: int, expected: str
+) -> None:
+    assert forwarded_client("10.0.0.9", forwarded, hops) == expected
