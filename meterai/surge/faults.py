@@ -24,7 +24,6 @@ import shutil
 import signal
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -103,6 +102,7 @@ class FaultResult:
     waited_for: str = ""  # what recovery still lacked when it gave up
     in_flight: list[str] = field(default_factory=list)  # jobs unfinished at the fault
     checks: list[Check] = field(default_factory=list)  # live, then at the end
+    clients: str = ""  # what the crowd saw during the fault (set at the end)
 
     @property
     def back_after(self) -> float | None:
@@ -139,7 +139,10 @@ class FaultResult:
             "recovered_after_seconds": self.recovered_after,
             "ok": self.ok,
             "waited_for": self.waited_for,
+            "pid": self.pid,
+            "new_pid": self.new_pid,
             "in_flight_jobs": len(self.in_flight),
+            "clients_saw": self.clients,
             "checks": [
                 {"name": check.name, "ok": check.ok, "detail": check.detail}
                 for check in self.checks
@@ -574,6 +577,7 @@ async def assess(target: Target, records: Records, results: list[FaultResult]) -
             )
             result.checks.append(_numbers_in_order(records, result))
             view = client_view(records, result)
+            result.clients = view.detail
             result.checks.append(
                 Check(
                     "clients saw only refusals with Retry-After, or retried successfully",
@@ -610,7 +614,3 @@ def _numbers_in_order(records: Records, result: FaultResult) -> Check:
         ok,
         f"{len(before)} given before (up to {max(before)}), {len(after)} after (from {min(after)})",
     )
-
-
-def new_canary_name(run_id: str) -> str:
-    return f"surge-{run_id}-canary-{uuid.uuid4().hex[:6]}"

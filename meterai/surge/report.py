@@ -23,7 +23,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from meterai.surge.checks import Verdict  # noqa: E402
 from meterai.surge.cpu import SIGNING, CpuUse  # noqa: E402
-from meterai.surge.faults import FaultResult, client_view  # noqa: E402
+from meterai.surge.faults import FaultResult  # noqa: E402
 from meterai.surge.records import Milestone, Outcome, Records  # noqa: E402
 
 CHARTS = ("progress.png", "room.png", "throughput.png", "latency.png", "errors.png")
@@ -357,7 +357,6 @@ def _cpu_rows(cpu: CpuUse | None, applicants: int) -> list[tuple[str, float, flo
 
 
 def _fault_row(fault: FaultResult, records: Records) -> dict[str, Any]:
-    view = client_view(records, fault)
     return {
         "what": fault.what,
         "at": fault.at - records.summary.started,
@@ -365,6 +364,6 @@ def _fault_row(fault: FaultResult, records: Records) -> dict[str, Any]:
         "recovered": fault.recovered_after,
         "waited_for": fault.waited_for,
         "ok": fault.ok,
-        "clients": view.detail,
+        "clients": fault.clients,
         "checks": fault.checks,
     }
