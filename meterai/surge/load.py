@@ -184,6 +184,24 @@ class Person(FastHttpUser):
                 raise GaveUp(f"{step}: still {status or 'no answer'} after retrying")
             gevent.sleep(wait * (1 + 0.2 * _jitter()))
 
+    def upload(
+        self,
+        step: str,
+        headers: dict[str, str],
+        renew: Callable[[], dict[str, str]] | None = None,
+    ) -> FastResponse:
+        """Upload the reference PDF (one multipart body, built once for the whole crowd); the
+        same Idempotency-Key in `headers` on every retry."""
+        return self.call(
+            "POST",
+            "/api/v1/stampings",
+            step,
+            expect=frozenset({202}),
+            headers={**headers, "Content-Type": f"multipart/form-data; boundary={BOUNDARY}"},
+            data=self.crowd.upload_body,
+            renew=renew,
+        )
+
     def idle(self) -> None:
         # A person who is done stays until the run is over (Locust would otherwise start
         # another in its place), and then does not walk through it again.
@@ -274,18 +292,7 @@ class Applicant(Person):
                 raise GaveUp(f"purchase {purchase.get('status', purchase)}")
         crowd.mark(self.who, Milestone.paid)
 
-        upload = self.call(
-            "POST",
-            "/api/v1/stampings",
-            "upload",
-            expect=frozenset({202}),
-            headers={
-                **self.headers(idempotency=True),
-                "Content-Type": f"multipart/form-data; boundary={BOUNDARY}",
-            },
-            data=crowd.upload_body,
-            renew=self.renew,
-        )
+        upload = self.upload("upload", self.headers(idempotency=True), renew=self.renew)
         job = _json(upload)
         if upload.status_code != 202:
             raise GaveUp(f"upload refused: {job.get('code', upload.status_code)}")
@@ -429,21 +436,10 @@ class Distributor(Person):
         if bought.status_code != 201:
             raise GaveUp(f"purchase refused: {_json(bought).get('code', bought.status_code)}")
         crowd.distributor_purchases.append(str(_json(bought)["id"]))
-        jobs: list[JobResult] = []
 
         def stamp_one(_: int) -> None:
-            response = self.call(
-                "POST",
-                "/api/v1/stampings",
-                "distributor upload",
-                expect=frozenset({202}),
-                headers={
-                    **self.auth,
-                    "Idempotency-Key": str(uuid.uuid4()),
-                    "Content-Type": f"multipart/form-data; boundary={BOUNDARY}",
-                },
-                data=crowd.upload_body,
-            )
+            headers = {**self.auth, "Idempotency-Key": str(uuid.uuid4())}
+            response = self.upload("distributor upload", headers)
             body = _json(response)
             if response.status_code != 202:
                 crowd.jobs.append(
@@ -451,7 +447,6 @@ class Distributor(Person):
                 )
                 return
             result = JobResult(account.name, str(body["id"]), serial=body.get("serial"))
-            jobs.append(result)
             crowd.jobs.append(result)
             self.finish(result)
 
