@@ -167,12 +167,11 @@ def database_gone(exc: BaseException) -> bool:
         return False
     if exc.connection_invalidated:
         return True
-    # The driver's error, and what it wraps (asyncpg's own exception carries the SQLSTATE).
+    # The driver's error, and what it wraps: asyncpg's own exception carries the SQLSTATE, even
+    # "connection was closed in the middle of operation" (08003).
     for error in (exc.orig, getattr(exc.orig, "__cause__", None)):
         sqlstate = getattr(error, "sqlstate", None)
         if isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATES):
-            return True
-        if type(error).__name__ in ("ConnectionDoesNotExistError", "ConnectionFailureError"):
             return True
     return False
 
