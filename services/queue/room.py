@@ -34,7 +34,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -415,14 +415,7 @@ class Room:
             await self.redis.set(self.keys.alive, "1", nx=True)
             return
         k = self.keys
-        config = view.config
-        fields = {
-            "admit_per_minute": str(config.admit_per_minute),
-            "max_active": str(config.max_active),
-            "paused": "1" if config.paused else "0",
-            "opens_at": "" if config.opens_at is None else repr(config.opens_at),
-            "pow_difficulty": str(config.pow_difficulty),
-        }
+        fields = _config_fields(asdict(view.config))
         tail = max(view.tail, self.highest_number) + REBUILD_MARGIN
         rebuilt = await self._rebuild_script(
             keys=[k.alive, k.tail, k.serving, k.admitted, k.rebuilt, k.hold, k.config],
@@ -462,14 +455,7 @@ class Room:
 
     async def update_config(self, **changes: Any) -> RoomConfig:
         """Change the run-time configuration; `opens_at=None` removes the opening time."""
-        fields: dict[FieldT, EncodableT] = {}
-        for name, value in changes.items():
-            if name == "paused":
-                fields[name] = "1" if value else "0"
-            elif name == "opens_at":
-                fields[name] = "" if value is None else repr(float(value))
-            else:
-                fields[name] = str(int(value))
+        fields = _config_fields(changes)
         if fields:
             await self.redis.hset(self.keys.config, mapping=fields)
         if "opens_at" in changes:
@@ -563,6 +549,19 @@ class Room:
         await self.redis.delete(*self.keys.all())
         self.view = replace(RoomView(config=self.defaults))
         self.highest_number = 0
+
+
+def _config_fields(config: dict[str, Any]) -> dict[FieldT, EncodableT]:
+    """Run-time settings as the room's config hash keeps them (`opens_at` empty: none)."""
+    fields: dict[FieldT, EncodableT] = {}
+    for name, value in config.items():
+        if name == "paused":
+            fields[name] = "1" if value else "0"
+        elif name == "opens_at":
+            fields[name] = "" if value is None else repr(float(value))
+        else:
+            fields[name] = str(int(value))
+    return fields
 
 
 @dataclass
