@@ -16,8 +16,8 @@ Each replica refreshes a :class:`RoomView` (counters, configuration, measured ad
 in the background every ``refresh_seconds``; status requests read only that view, so waiting
 people cost no network I/O. Polls are remembered in memory and written to ``seen`` in batches.
 
-Redis keeps all this durably (append-only, fsync per write). Should it come back empty anyway
-(a failover to a replica that had not caught up), the room is rebuilt rather than restarted:
+Redis keeps all this in an append-only file (a killed server loses nothing). Should it come back
+empty anyway (a failover to a replica that had not caught up), the room is rebuilt, not restarted:
 ``alive`` marks a room that exists, and without it joins and admission refuse to act until a
 replica that knew the room has put its counters back, no lower than it last saw them (the queue
 numbers with a margin for what other replicas gave meanwhile), so no number is given twice and
