@@ -132,6 +132,11 @@ def hello_world() -> Iterator[str]:
                 "hello_app:app",
                 "--port",
                 str(port),
+                # The services' server: uvloop and httptools (services/platform/serve.py).
+                "--loop",
+                "uvloop",
+                "--http",
+                "httptools",
                 "--no-access-log",
                 "--log-level",
                 "warning",

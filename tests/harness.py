@@ -137,6 +137,7 @@ class Served:
                 port=self.port,
                 log_config=None,
                 lifespan="on",
+                http="httptools",
                 timeout_keep_alive=KEEP_ALIVE_SECONDS,  # as services.platform.serve runs them
             )
         )

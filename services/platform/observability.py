@@ -9,6 +9,7 @@ import sys
 import time
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
@@ -117,6 +118,8 @@ class ObservabilityMiddleware:
         self.app = app
         self.metrics = http_metrics(service)
         self.log = structlog.get_logger("meterai.access")
+        # Labelled children by (method, route, status): `labels()` costs more than the count.
+        self._counted: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -148,8 +151,11 @@ class ObservabilityMiddleware:
             elapsed = time.perf_counter() - started
             route = _route_template(scope)
             method = scope["method"]
-            self.metrics.requests.labels(method, route, str(status)).inc()
-            self.metrics.duration.labels(method, route).observe(elapsed)
+            counted = self._counted.get((method, route, status))
+            if counted is None:
+                counted = self._children(method, route, status)
+            counted[0].inc()
+            counted[1].observe(elapsed)
             if route not in _QUIET_ROUTES and _logged(scope, route, status, elapsed):
                 self.log.info(
                     "request",
@@ -160,7 +166,18 @@ class ObservabilityMiddleware:
                     duration_ms=round(elapsed * 1000, 2),
                 )
 
+    def _children(self, method: str, route: str, status: int) -> tuple[Any, Any]:
+        children = (
+            self.metrics.requests.labels(method, route, str(status)),
+            self.metrics.duration.labels(method, route),
+        )
+        if len(self._counted) < _MAX_LABEL_SETS:  # methods and statuses are few, but unbounded
+            self._counted[(method, route, status)] = children
+        return children
 
+
+# Label sets whose children are kept at hand (the routes times the methods and statuses seen).
+_MAX_LABEL_SETS = 4096
 _QUIET_ROUTES = frozenset({"/metrics", "/livez", "/readyz", "/healthz"})
 # Answers slower than this are always logged, even on sampled routes.
 _SLOW_SECONDS = 1.0

@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> None:
     config = uvicorn.Config(
         args.factory,
         factory=True,
+        # Named, not "auto": a missing wheel must fail the start, not halve the throughput.
+        loop="uvloop",
+        http="httptools",
         host=args.host,
         port=args.port,
         log_config=None,

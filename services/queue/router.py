@@ -8,10 +8,10 @@ without JavaScript call too.
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
@@ -86,7 +86,8 @@ class QueuePatch(BaseModel):
 
 async def status_hot(scope: Scope, receive: Receive, send: Send) -> None:
     """`GET /queue/status` on the lean lane (see `status`)."""
-    await _send_json(send, *await _status(scope["app"], scope))
+    app = scope["app"]
+    await _send_json(send, *await service.status(app, service.ticket_of(app, scope)))
 
 
 async def join_hot(scope: Scope, receive: Receive, send: Send) -> None:
@@ -108,7 +109,7 @@ async def _join(app: Any, scope: Scope) -> Reply:
 
 
 async def _send_json(send: Send, body: dict[str, Any], cookies: list[str]) -> None:
-    payload = json.dumps(body, separators=(",", ":")).encode()
+    payload = orjson.dumps(body)
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(payload)).encode()),

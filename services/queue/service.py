@@ -135,11 +135,11 @@ async def _join(app: Any, ticket: Ticket | None, *, client_ip: str, proof: str |
             )
         codec: TicketCodec = app.state.ticket_codec
         if joined.number is not None:
-            ticket = Ticket(number=joined.number)
             token = codec.issue(joined.number)
+            ticket = Ticket(number=joined.number, token=token)
         else:
-            ticket = Ticket(prequeue_id=joined.prequeue_id)
             token = codec.issue_prequeue(str(joined.prequeue_id))
+            ticket = Ticket(prequeue_id=joined.prequeue_id, token=token)
         cookies.append(_ticket_cookie(app, token))
     body, more = await _status(app, ticket)
     return body, cookies + more
@@ -167,8 +167,11 @@ async def _status(app: Any, ticket: Ticket) -> Reply:
         if number is None:  # the draw happens within a second of the opening
             token = codec.issue_prequeue(str(ticket.prequeue_id))
             return _body(TicketState.prequeue, 0, None, 1.0, token, opens_in=0), cookies
-        cookies.append(_ticket_cookie(app, codec.issue(number)))
-    token = codec.issue(number)
+        token = codec.issue(number)
+        cookies.append(_ticket_cookie(app, token))
+    else:
+        # Signing is deterministic: the token read is the one to answer (half the HMACs).
+        token = ticket.token or codec.issue(number)
     if number > view.serving:
         room.note_seen(number)
         position = number - view.serving

@@ -24,6 +24,7 @@ _SIGNATURE_BYTES = 16
 class Ticket:
     number: int | None = None  # a place in the queue
     prequeue_id: str | None = None  # or a place in the pre-queue (number drawn at opening)
+    token: str | None = None  # the signed string it was read from (answered back as is)
 
 
 class TicketCodec:
@@ -48,15 +49,15 @@ class TicketCodec:
         if not hmac.compare_digest(signature, self._signature(kind, value)):
             return None
         if kind == "p":
-            return Ticket(prequeue_id=value)
-        return Ticket(number=int(value)) if value.isdigit() else None
+            return Ticket(prequeue_id=value, token=token)
+        return Ticket(number=int(value), token=token) if value.isdigit() else None
 
     def _sign(self, kind: str, value: str) -> str:
         return f"{kind}.{value}.{self._signature(kind, value)}"
 
     def _signature(self, kind: str, value: str) -> str:
         message = f"{self._event}|{kind}|{value}".encode()
-        digest = hmac.new(self._key, message, hashlib.sha256).digest()[:_SIGNATURE_BYTES]
+        digest = hmac.digest(self._key, message, "sha256")[:_SIGNATURE_BYTES]
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
