@@ -1,6 +1,5 @@
 """Rate limits shared by every gateway replica: one token bucket per distributor (and one per
-client address on public routes) kept in Redis; the requests under way take from their buckets
-together, in one round trip.
+client address on public routes) kept in Redis, taken from in one round trip.
 
 The bucket is GCRA (the "generic cell rate algorithm"): Redis keeps a single timestamp per key,
 the theoretical arrival time, so a bucket costs one small string that expires once it is full
@@ -16,14 +15,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 import structlog
 from prometheus_client import Counter
 
-from services.platform.batching import Coalescer
 from services.platform.errors import MeteraiError
 
 log = structlog.get_logger(__name__)
@@ -36,32 +33,25 @@ FAIL_OPEN = Counter(
     "Requests let through unlimited because Redis could not be asked",
 )
 
-# KEYS: the buckets; ARGV: for each bucket in turn, milliseconds per token, bucket size, tokens
-# this request takes. A key may come more than once (its requests are taken in order).
-# Returns for each: {allowed, remaining tokens, ms until the bucket is full, ms until it fits}.
+# KEYS[1]: the bucket; ARGV: milliseconds per token, bucket size, tokens this request takes.
+# Returns {allowed, remaining tokens, ms until the bucket is full, ms until this cost fits}.
 _GCRA = """
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
 local clock = redis.call('TIME')
 local now = clock[1] * 1000 + clock[2] / 1000
-local decisions = {}
-for i, key in ipairs(KEYS) do
-  local interval = tonumber(ARGV[3 * i - 2])
-  local burst = tonumber(ARGV[3 * i - 1])
-  local cost = tonumber(ARGV[3 * i])
-  local tolerance = interval * burst
-  local tat = tonumber(redis.call('GET', key) or now)
-  if tat < now then tat = now end
-  local new_tat = tat + interval * cost
-  local wait = new_tat - tolerance - now
-  if wait > 0 then
-    decisions[i] = {0, math.floor((tolerance - (tat - now)) / interval), math.ceil(tat - now),
-                    math.ceil(wait)}
-  else
-    redis.call('SET', key, string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now) + 1)
-    decisions[i] = {1, math.floor((tolerance - (new_tat - now)) / interval),
-                    math.ceil(new_tat - now), 0}
-  end
+local tolerance = interval * burst
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + interval * cost
+local wait = new_tat - tolerance - now
+if wait > 0 then
+  return {0, math.floor((tolerance - (tat - now)) / interval), math.ceil(tat - now),
+          math.ceil(wait)}
 end
-return decisions
+redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now) + 1)
+return {1, math.floor((tolerance - (new_tat - now)) / interval), math.ceil(new_tat - now), 0}
 """
 
 
@@ -99,12 +89,6 @@ class Decision:
         ]
 
 
-@dataclass(frozen=True)
-class _Take:
-    key: str
-    args: tuple[float, int, int]
-
-
 class RateLimited(MeteraiError):
     status = 429
     code = "rate_limited"
@@ -122,8 +106,7 @@ class RateLimited(MeteraiError):
 
 
 class RateLimiter:
-    """Token buckets in Redis. The takes of concurrent requests go together in one EVALSHA
-    (`Coalescer`): one round trip for many requests under a surge, at once when it is quiet."""
+    """Token buckets in Redis; `take` is one EVALSHA."""
 
     def __init__(self, redis: aioredis.Redis, *, prefix: str, pause_seconds: float) -> None:
         self.redis = redis
@@ -131,16 +114,6 @@ class RateLimiter:
         self.pause_seconds = pause_seconds
         self._script = redis.register_script(_GCRA)
         self._paused_until = 0.0
-        self._takes: Coalescer[_Take, list[int]] = Coalescer(self._take_all, max_batch=128)
-
-    async def _take_all(self, takes: Sequence[_Take]) -> list[list[int]]:
-        args: list[float | int] = []
-        for take in takes:
-            args += take.args
-        decisions: list[list[int]] = await self._script(
-            keys=[take.key for take in takes], args=args
-        )
-        return decisions
 
     async def take(self, policy: Policy, subject: str, cost: int) -> Decision | None:
         """Take `cost` tokens from `subject`'s bucket; None when Redis could not be asked."""
@@ -149,11 +122,9 @@ class RateLimiter:
             return None
         cost = min(cost, policy.burst)  # a request larger than the bucket could never pass
         try:
-            allowed, remaining, reset_ms, wait_ms = await self._takes.submit(
-                _Take(
-                    key=f"{self.prefix}:{policy.name}:{subject}",
-                    args=(1000.0 / policy.rate, policy.burst, cost),
-                )
+            allowed, remaining, reset_ms, wait_ms = await self._script(
+                keys=[f"{self.prefix}:{policy.name}:{subject}"],
+                args=[1000.0 / policy.rate, policy.burst, cost],
             )
         except (aioredis.RedisError, OSError, TimeoutError) as exc:
             self._paused_until = time.monotonic() + self.pause_seconds

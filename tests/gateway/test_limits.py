@@ -54,22 +54,11 @@ async def test_rate_limits_hold_across_two_gateways(stack: ServiceStack) -> None
         assert "ratelimit-policy" in response.headers
 
 
-async def test_concurrent_takes_share_one_round_trip_and_never_exceed_the_bucket(
-    stack: ServiceStack,
-) -> None:
+async def test_concurrent_takes_never_exceed_the_bucket(stack: ServiceStack) -> None:
     redis = create_redis(stack.infra.redis.url(), timeout=5)
     limiter = RateLimiter(redis, prefix=f"test-{time.monotonic_ns()}", pause_seconds=1)
     small = Policy("small", rate=0.001, burst=7)  # refills one token in 1,000 s: none here
     large = Policy("large", rate=0.001, burst=30)
-    calls = 0
-    run_batch = limiter._script.__call__
-
-    async def counted(*args: object, **kwargs: object) -> object:
-        nonlocal calls
-        calls += 1
-        return await run_batch(*args, **kwargs)  # type: ignore[arg-type]
-
-    limiter._script = counted  # type: ignore[assignment]
     try:
         decisions = await asyncio.gather(
             *(limiter.take(small, "a", 1) for _ in range(20)),
@@ -80,14 +69,12 @@ async def test_concurrent_takes_share_one_round_trip_and_never_exceed_the_bucket
         await redis.aclose()
     assert all(decision is not None for decision in decisions)
     small_a, small_b, large_a = decisions[:20], decisions[20:25], decisions[25:]
-    # Each bucket gave exactly what it held, in the order asked; the others were told to wait.
-    assert [d.allowed for d in small_a if d] == [True] * 7 + [False] * 13
-    assert [d.allowed for d in small_b if d] == [True] * 3 + [False] * 2  # 2 tokens each
+    # Each bucket gave exactly what it held; the others were told when to come back.
+    assert sorted(d.allowed for d in small_a if d) == [False] * 13 + [True] * 7
+    assert sorted(d.allowed for d in small_b if d) == [False] * 2 + [True] * 3  # 2 tokens each
     assert all(d and d.allowed for d in large_a)
-    assert [d.remaining for d in small_a[:7] if d] == [6, 5, 4, 3, 2, 1, 0]
-    assert all(d and d.retry_after_seconds >= 1 for d in small_a[7:])
-    # 45 requests under way together, a handful of round trips (batches of whatever waited).
-    assert calls <= 3, calls
+    assert sorted(d.remaining for d in small_a if d and d.allowed) == [0, 1, 2, 3, 4, 5, 6]
+    assert all(d and d.retry_after_seconds >= 1 for d in small_a if d and not d.allowed)
 
 
 def _sample(name: str, **labels: str) -> float:
