@@ -72,6 +72,8 @@ _SMALL_BODY = 64 * 1024
 async def _request_body(request: Request, declared: str) -> bytes | AsyncIterator[bytes] | None:
     if request.method in ("GET", "HEAD", "DELETE", "OPTIONS"):
         return None
+    if not declared and "transfer-encoding" not in request.headers:
+        return None  # HTTP/1.1: neither header, no body (not an empty chunked stream)
     if declared.isdigit() and int(declared) <= _SMALL_BODY:
         return await request.body()
     return request.stream()
@@ -224,6 +226,10 @@ class Forwarder:
                 except TimeoutError:
                     raise
                 except aiohttp.ClientConnectionError as exc:
+                    if isinstance(exc.__cause__, ClientDisconnect):
+                        # Our caller hung up while its body streamed on: not the service's
+                        # fault (counted against the breaker, a crowd leaving would open it).
+                        raise exc.__cause__ from None
                     # A pooled connection the service had closed, or a refused connect: safe
                     # to try once more for a GET (nothing was done), never for a POST.
                     if retries <= 0:

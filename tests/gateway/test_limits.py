@@ -125,6 +125,36 @@ async def test_breaker_opens_on_a_dead_upstream_and_probes_again(stack: ServiceS
         await gateway.stop()
 
 
+async def test_callers_hanging_up_mid_body_do_not_open_the_breaker(stack: ServiceStack) -> None:
+    settings = stack.gateway_settings(breaker_failure_threshold=3, breaker_open_seconds=30)
+    gateway = Served(create_gateway(settings))
+    await gateway.start()
+    try:
+        for _ in range(6):
+            # An upload whose chunked body stops halfway: the gateway is streaming it to the
+            # stamping service, which is still reading, when the caller goes away.
+            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+            writer.write(
+                b"POST /api/v1/verify HTTP/1.1\r\nHost: gateway\r\n"
+                b"Content-Type: multipart/form-data; boundary=b\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n"
+                b"20\r\n--b\r\nContent-Disposition: form-d\r\n"
+            )
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            writer.close()
+            await writer.wait_closed()
+        await asyncio.sleep(0.3)
+        async with httpx.AsyncClient(base_url=gateway.url) as client:
+            after = await client.get("/verify/AAAAAAAAAAAAAAAAAAAAAA")
+            # No body and no Content-Length: passed on as no body at all.
+            joined = await client.post("/queue/join")
+    finally:
+        await gateway.stop()
+    assert after.status_code == 404, after.text  # the stamping service answered
+    assert joined.status_code == 200, joined.text
+
+
 def test_uploads_are_shed_before_reads() -> None:
     budgets = Budgets(
         per_upstream=10,
