@@ -17,7 +17,7 @@ from services.gateway.auth import DistributorAuthenticator
 from services.gateway.breaker import CircuitBreaker
 from services.gateway.config import GatewaySettings
 from services.gateway.proxy import Forwarder, Guards, Limits, proxy_session
-from services.gateway.ratelimit import Policy, RateLimiter, create_redis
+from services.gateway.ratelimit import LocalRateLimiter, Policy, RateLimiter, create_redis
 from services.gateway.routes import ROUTES, Upstream
 from services.gateway.shedding import Budgets
 from services.platform.admission import AdmissionCodec
@@ -68,7 +68,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         app.state.openapi_document = None
         redis = None
         app.state.rate_limiter = None
+        app.state.public_limiter = None
         if settings.rate_limit_enabled:
+            app.state.public_limiter = LocalRateLimiter()
             redis = create_redis(
                 settings.redis_url, timeout=settings.rate_limit_redis_timeout_seconds
             )

@@ -21,7 +21,13 @@ from starlette.types import Receive, Scope, Send
 
 from services.gateway.auth import MissingCredentials, bearer_token, check_ops_token
 from services.gateway.breaker import CircuitBreaker
-from services.gateway.ratelimit import Policy, RateLimited, RateLimiter
+from services.gateway.ratelimit import (
+    Decision,
+    LocalRateLimiter,
+    Policy,
+    RateLimited,
+    RateLimiter,
+)
 from services.gateway.routes import Access, Route
 from services.gateway.shedding import ClassBudget
 from services.platform.admission import ADMISSION_COOKIE, ADMISSION_HEADER, AdmissionCodec
@@ -173,22 +179,23 @@ class Forwarder:
         if declared.isdigit() and int(declared) > limit:
             raise PayloadTooLarge(f"Requests are limited to {limit:,} bytes.")
         principal = await authenticate(request, route)
-        limiter: RateLimiter | None = state.rate_limiter
-        if limiter is None:
-            return principal, []
         limits = self.guards.limits
+        decision: Decision | None
         if principal is not None and principal.kind is PrincipalKind.distributor:
-            policy, subject = limits.distributor, principal.subject
+            limiter: RateLimiter | None = state.rate_limiter
+            if limiter is None or limits.distributor is None:
+                return principal, []
+            decision = await limiter.take(limits.distributor, principal.subject, self.guards.cost)
+            if decision is None:
+                return principal, []
         elif route.access is Access.public:
-            policy = limits.public
-            subject = client_address(request, limits.trusted_proxy_hops)
+            local: LocalRateLimiter | None = state.public_limiter
+            if local is None or limits.public is None:
+                return principal, []
+            address = client_address(request, limits.trusted_proxy_hops)
+            decision = local.take(limits.public, address, self.guards.cost)
         else:
             # Applicants are paced by the waiting room; operators are not limited.
-            return principal, []
-        if policy is None:
-            return principal, []
-        decision = await limiter.take(policy, subject, self.guards.cost)
-        if decision is None:
             return principal, []
         if not decision.allowed:
             raise RateLimited(decision)

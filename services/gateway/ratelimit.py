@@ -1,5 +1,6 @@
-"""Rate limits shared by every gateway replica: one token bucket per distributor (and one per
-client address on public routes) kept in Redis, taken from in one round trip.
+"""Rate limits: one token bucket per distributor shared by every gateway replica, kept in Redis
+and taken from in one round trip; and one per client address on public routes, kept in each
+replica (`LocalRateLimiter`).
 
 The bucket is GCRA (the "generic cell rate algorithm"): Redis keeps a single timestamp per key,
 the theoretical arrival time, so a bucket costs one small string that expires once it is full
@@ -15,10 +16,12 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 import structlog
+from cachetools import LRUCache
 from prometheus_client import Counter
 
 from services.platform.errors import MeteraiError
@@ -142,6 +145,49 @@ class RateLimiter:
         if not decision.allowed:
             RATE_LIMITED.labels(policy.name).inc()
         return decision
+
+
+class LocalRateLimiter:
+    """Token buckets kept in this process, with the same GCRA arithmetic as the script: for the
+    public routes, whose bucket per client address only has to keep one address from flooding
+    a replica. Waiting-room polls are most of a surge's requests; a Redis round trip each cost
+    the gateway about as much as forwarding them. Behind K replicas an address may reach K
+    times the rate (each replica holds its own bucket). The least recently seen addresses are
+    forgotten first (their buckets start full again)."""
+
+    def __init__(
+        self, *, max_subjects: int = 200_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._tats: LRUCache[tuple[str, str], float] = LRUCache(maxsize=max_subjects)
+        self._clock = clock
+
+    def take(self, policy: Policy, subject: str, cost: int) -> Decision:
+        """Take `cost` tokens from `subject`'s bucket."""
+        now = self._clock() * 1000
+        interval = 1000.0 / policy.rate
+        tolerance = interval * policy.burst
+        cost = min(cost, policy.burst)
+        key = (policy.name, subject)
+        tat = max(self._tats.get(key, now), now)
+        new_tat = tat + interval * cost
+        wait = new_tat - tolerance - now
+        if wait > 0:
+            RATE_LIMITED.labels(policy.name).inc()
+            return Decision(
+                policy=policy,
+                allowed=False,
+                remaining=max(0, math.floor((tolerance - (tat - now)) / interval)),
+                reset_seconds=math.ceil((tat - now) / 1000),
+                retry_after_seconds=max(1, math.ceil(wait / 1000)),
+            )
+        self._tats[key] = new_tat
+        return Decision(
+            policy=policy,
+            allowed=True,
+            remaining=max(0, math.floor((tolerance - (new_tat - now)) / interval)),
+            reset_seconds=math.ceil((new_tat - now) / 1000),
+            retry_after_seconds=1,
+        )
 
 
 def create_redis(url: str, *, timeout: float) -> aioredis.Redis:

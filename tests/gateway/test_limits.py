@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from services.gateway.app import create_app as create_gateway
-from services.gateway.ratelimit import Policy, RateLimiter, create_redis
+from services.gateway.ratelimit import LocalRateLimiter, Policy, RateLimiter, create_redis
 from services.gateway.routes import RouteClass, Upstream
 from services.gateway.shedding import Budgets, Overloaded
 from services.platform.embedded import free_port
@@ -75,6 +75,49 @@ async def test_concurrent_takes_never_exceed_the_bucket(stack: ServiceStack) -> 
     assert all(d and d.allowed for d in large_a)
     assert sorted(d.remaining for d in small_a if d and d.allowed) == [0, 1, 2, 3, 4, 5, 6]
     assert all(d and d.retry_after_seconds >= 1 for d in small_a if d and not d.allowed)
+
+
+def test_a_local_bucket_holds_its_burst_refills_at_its_rate_and_forgets_the_oldest() -> None:
+    now = [1000.0]
+    limiter = LocalRateLimiter(max_subjects=2, clock=lambda: now[0])
+    policy = Policy("public", rate=2.0, burst=4)
+    taken = [limiter.take(policy, "10.0.0.1", 1) for _ in range(6)]
+    assert [d.allowed for d in taken] == [True] * 4 + [False] * 2
+    assert [d.remaining for d in taken[:4]] == [3, 2, 1, 0]
+    assert taken[4].retry_after_seconds == 1 and taken[4].remaining == 0
+    assert limiter.take(policy, "10.0.0.2", 1).allowed  # another address, its own bucket
+    now[0] += 1.0  # two tokens back at 2 per second
+    assert [limiter.take(policy, "10.0.0.1", 1).allowed for _ in range(3)] == [True, True, False]
+    assert not limiter.take(policy, "10.0.0.1", 1).allowed
+    # A third address pushes out the least recently seen (10.0.0.2, whose bucket was not empty
+    # anyway); 10.0.0.1 is still remembered as empty.
+    limiter.take(policy, "10.0.0.3", 1)
+    assert not limiter.take(policy, "10.0.0.1", 1).allowed
+    # A request costing more than the bucket holds is counted as the whole bucket.
+    assert limiter.take(policy, "10.0.0.4", 10).allowed
+
+
+@pytest.mark.settings(
+    gateway={"public_rate_per_second": 0.1, "public_burst": 3, "trusted_proxy_hops": 1}
+)
+async def test_public_routes_are_limited_per_client_address(stack: ServiceStack) -> None:
+    async with httpx.AsyncClient(base_url=stack.gateway_url) as client:
+
+        async def verify(address: str) -> httpx.Response:
+            return await client.get(
+                "/verify/AAAAAAAAAAAAAAAAAAAAAA", headers={"X-Forwarded-For": address}
+            )
+
+        first = [await verify("10.1.1.1") for _ in range(5)]
+        other = await verify("10.2.2.2")
+    assert [r.status_code for r in first] == [404, 404, 404, 429, 429]
+    assert first[0].headers["ratelimit-policy"] == '"public";q=3;w=30'
+    assert first[2].headers["ratelimit"].startswith('"public";r=0;')
+    refused = first[3]
+    assert refused.headers["content-type"].startswith("application/problem+json")
+    assert refused.json()["code"] == "rate_limited"
+    assert int(refused.headers["retry-after"]) >= 1
+    assert other.status_code == 404  # the next address has its own bucket
 
 
 def _sample(name: str, **labels: str) -> float:
