@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 
 from services.platform.embedded import free_port_range
+from services.platform.serve import HTTP, LOOP
 
 HELLO_APP = textwrap.dedent(
     """
@@ -132,11 +133,11 @@ def hello_world() -> Iterator[str]:
                 "hello_app:app",
                 "--port",
                 str(port),
-                # The services' server: uvloop and httptools (services/platform/serve.py).
+                # Served as the services are.
                 "--loop",
-                "uvloop",
+                LOOP,
                 "--http",
-                "httptools",
+                HTTP,
                 "--no-access-log",
                 "--log-level",
                 "warning",

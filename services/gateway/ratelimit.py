@@ -135,16 +135,7 @@ class RateLimiter:
             log.warning("rate_limit_fail_open", error=repr(exc), pause=self.pause_seconds)
             return None
         self._paused_until = 0.0
-        decision = Decision(
-            policy=policy,
-            allowed=bool(allowed),
-            remaining=max(0, int(remaining)),
-            reset_seconds=math.ceil(int(reset_ms) / 1000),
-            retry_after_seconds=max(1, math.ceil(int(wait_ms) / 1000)),
-        )
-        if not decision.allowed:
-            RATE_LIMITED.labels(policy.name).inc()
-        return decision
+        return _decided(policy, bool(allowed), int(remaining), int(reset_ms), int(wait_ms))
 
 
 class LocalRateLimiter:
@@ -162,32 +153,35 @@ class LocalRateLimiter:
         self._clock = clock
 
     def take(self, policy: Policy, subject: str, cost: int) -> Decision:
-        """Take `cost` tokens from `subject`'s bucket."""
+        """Take `cost` tokens from `subject`'s bucket (the script's steps, in Python)."""
         now = self._clock() * 1000
         interval = 1000.0 / policy.rate
         tolerance = interval * policy.burst
-        cost = min(cost, policy.burst)
         key = (policy.name, subject)
         tat = max(self._tats.get(key, now), now)
-        new_tat = tat + interval * cost
+        new_tat = tat + interval * min(cost, policy.burst)
         wait = new_tat - tolerance - now
         if wait > 0:
-            RATE_LIMITED.labels(policy.name).inc()
-            return Decision(
-                policy=policy,
-                allowed=False,
-                remaining=max(0, math.floor((tolerance - (tat - now)) / interval)),
-                reset_seconds=math.ceil((tat - now) / 1000),
-                retry_after_seconds=max(1, math.ceil(wait / 1000)),
-            )
+            remaining = math.floor((tolerance - (tat - now)) / interval)
+            return _decided(policy, False, remaining, math.ceil(tat - now), math.ceil(wait))
         self._tats[key] = new_tat
-        return Decision(
-            policy=policy,
-            allowed=True,
-            remaining=max(0, math.floor((tolerance - (new_tat - now)) / interval)),
-            reset_seconds=math.ceil((new_tat - now) / 1000),
-            retry_after_seconds=1,
-        )
+        remaining = math.floor((tolerance - (new_tat - now)) / interval)
+        return _decided(policy, True, remaining, math.ceil(new_tat - now), 0)
+
+
+def _decided(
+    policy: Policy, allowed: bool, remaining: int, reset_ms: int, wait_ms: int
+) -> Decision:
+    """The decision from a bucket's answer (as the script returns it), counted if refused."""
+    if not allowed:
+        RATE_LIMITED.labels(policy.name).inc()
+    return Decision(
+        policy=policy,
+        allowed=allowed,
+        remaining=max(0, remaining),
+        reset_seconds=math.ceil(reset_ms / 1000),
+        retry_after_seconds=max(1, math.ceil(wait_ms / 1000)),
+    )
 
 
 def create_redis(url: str, *, timeout: float) -> aioredis.Redis:

@@ -188,22 +188,17 @@ class SecurityHeadersMiddleware:
         if hsts_seconds > 0:
             value = f"max-age={hsts_seconds}; includeSubDomains".encode()
             self.headers.append((b"strict-transport-security", value))
-        self.names = frozenset(name for name, _ in self.headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        names = self.names
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = list(message.get("headers", ()))
-                if any(name.lower() in names for name, _ in headers):
-                    present = {name.lower() for name, _ in headers}
-                    headers += [pair for pair in self.headers if pair[0] not in present]
-                else:
-                    headers += self.headers
+                headers = list(message.get("headers", []))
+                present = {name.lower() for name, _ in headers}
+                headers += [pair for pair in self.headers if pair[0] not in present]
                 message = {**message, "headers": headers}
             await send(message)
 

@@ -14,6 +14,10 @@ import uvicorn
 from services.platform.stopping import stop_requested
 
 KEEP_ALIVE_SECONDS = 75
+# uvicorn's fast parts, named rather than "auto": a missing wheel must fail the start, not
+# halve the throughput (the tests' servers and the benchmarks' floor are served the same way).
+LOOP = "uvloop"
+HTTP = "httptools"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,9 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     config = uvicorn.Config(
         args.factory,
         factory=True,
-        # Named, not "auto": a missing wheel must fail the start, not halve the throughput.
-        loop="uvloop",
-        http="httptools",
+        loop=LOOP,
+        http=HTTP,
         host=args.host,
         port=args.port,
         log_config=None,

@@ -86,8 +86,7 @@ class QueuePatch(BaseModel):
 
 async def status_hot(scope: Scope, receive: Receive, send: Send) -> None:
     """`GET /queue/status` on the lean lane (see `status`)."""
-    app = scope["app"]
-    await _send_json(send, *await service.status(app, service.ticket_of(app, scope)))
+    await _send_json(send, *await _status(scope["app"], scope))
 
 
 async def join_hot(scope: Scope, receive: Receive, send: Send) -> None:

@@ -160,17 +160,16 @@ async def _status(app: Any, ticket: Ticket) -> Reply:
                 0,
                 None,
                 _jitter(min(MAX_POLL_SECONDS, max(1.0, opens_in / 2))),
-                codec.issue_prequeue(str(ticket.prequeue_id)),
+                ticket.token or codec.issue_prequeue(str(ticket.prequeue_id)),
                 opens_in=opens_in,
             ), cookies
         number = await room.drawn_number(str(ticket.prequeue_id))
         if number is None:  # the draw happens within a second of the opening
-            token = codec.issue_prequeue(str(ticket.prequeue_id))
+            token = ticket.token or codec.issue_prequeue(str(ticket.prequeue_id))
             return _body(TicketState.prequeue, 0, None, 1.0, token, opens_in=0), cookies
         token = codec.issue(number)
         cookies.append(_ticket_cookie(app, token))
     else:
-        # Signing is deterministic: the token read is the one to answer (half the HMACs).
         token = ticket.token or codec.issue(number)
     if number > view.serving:
         room.note_seen(number)

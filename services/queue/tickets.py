@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cachetools import TTLCache
 
@@ -24,7 +24,9 @@ _SIGNATURE_BYTES = 16
 class Ticket:
     number: int | None = None  # a place in the queue
     prequeue_id: str | None = None  # or a place in the pre-queue (number drawn at opening)
-    token: str | None = None  # the signed string it was read from (answered back as is)
+    # The signed string it was read from, answered back as is (signing is deterministic: no
+    # second HMAC per poll); not part of what the ticket is.
+    token: str | None = field(default=None, compare=False)
 
 
 class TicketCodec:
