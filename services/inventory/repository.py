@@ -424,18 +424,12 @@ async def all_distributors(session: AsyncSession) -> list[Distributor]:
 
 _BUY_STAMPS = text(
     """
-    SELECT bought.* FROM unnest(
+    SELECT * FROM buy_stamps_batch(
         CAST(:purchase_ids AS uuid[]), CAST(:distributor_ids AS uuid[]),
-        CAST(:quantities AS integer[]), CAST(:txn_ids AS uuid[]), CAST(:owners AS varchar[]),
-        CAST(:money_accounts AS varchar[]), CAST(:stamps_accounts AS varchar[])
-    ) WITH ORDINALITY AS orders (
-        purchase_id, distributor_id, quantity, txn_id, owner, money_account, stamps_account, n
+        CAST(:quantities AS integer[]), CAST(:unit_price AS bigint), CAST(:txn_ids AS uuid[]),
+        CAST(:owners AS varchar[]), CAST(:money_accounts AS varchar[]),
+        CAST(:stamps_accounts AS varchar[])
     )
-    CROSS JOIN LATERAL buy_stamps(
-        orders.purchase_id, orders.distributor_id, orders.quantity, CAST(:unit_price AS bigint),
-        orders.txn_id, orders.owner, orders.money_account, orders.stamps_account
-    ) AS bought
-    ORDER BY orders.n
     """
 )
 
@@ -467,10 +461,12 @@ async def buy_for_distributors(
     unit_price: int,
 ) -> list[DistributorPurchaseRow]:
     """Distributor purchases in one statement (one round trip), one after the other, each all
-    or nothing (see the `buy_stamps` function in the migrations): take the serials (SKIP
+    or nothing (see the `buy_stamps_batch` function in the migrations): take the serials (SKIP
     LOCKED), debit the balance if it covers them, record the purchase, sell the serials and
     book both ledger movements. A refused order changes nothing and leaves the others alone.
-    The distributors' rows stay locked until the caller's transaction ends.
+    The distributors' rows are locked in the order of their ids, whatever the order of
+    `orders` (batches running at once wait for each other but never deadlock), and stay
+    locked until the caller's transaction ends. The rows come back in the order of `orders`.
     """
     rows = await connection.execute(
         _BUY_STAMPS,

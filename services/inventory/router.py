@@ -67,7 +67,7 @@ def _distributor_id(principal: Principal) -> uuid.UUID:
     return uuid.UUID(principal.subject)
 
 
-def _purchase_out(purchase: Purchase, serials: list[str]) -> PurchaseOut:
+def _purchase_out(purchase: Purchase | service.PaidPurchase, serials: list[str]) -> PurchaseOut:
     return PurchaseOut(
         id=purchase.id,
         status=purchase.status,
@@ -167,7 +167,8 @@ async def _purchase_in_transaction(
             max_stamps=settings.applicant_max_stamps,
             ttl=timedelta(seconds=settings.reservation_ttl_seconds),
         )
-    if result.purchase.created_at is None:  # reservations are ORM objects, not yet loaded
+    if isinstance(result.purchase, Purchase) and result.purchase.created_at is None:
+        # A reservation is an ORM object, its server-set time not loaded yet.
         await session.refresh(result.purchase, ["created_at"])
     out = _purchase_out(result.purchase, result.serials)
     if idempotency_key is not None:

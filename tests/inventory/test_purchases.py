@@ -194,6 +194,65 @@ async def test_one_batch_runs_its_purchases_one_after_another(stack: ServiceStac
     assert list(books["balances"].values()) == [0]
 
 
+async def test_concurrent_batches_of_several_distributors_never_deadlock(
+    stack: ServiceStack,
+) -> None:
+    """Batches (of several replicas, or two in flight in one) lock the distributors' rows in
+    one order, whatever order their purchases arrived in. Without that, this interleaving is
+    a deadlock: A holds `a` and waits for `c` (held here), B holds `b` and waits for `a`, and
+    once `c` is free A wants `b`; PostgreSQL would abort one batch and fail all its buyers."""
+    await stack.mint(10)
+    for _ in range(3):
+        await stack.create_distributor(balance=100_000)
+    engine = create_engine(stack.inventory_db, pool_size=4)
+
+    def order(distributor: uuid.UUID) -> repo.DistributorOrder:
+        return repo.DistributorOrder(uuid.uuid4(), distributor, 1)
+
+    async def batch(distributors: list[uuid.UUID]) -> list[str]:
+        async with engine.connect() as connection:
+            rows = await repo.buy_for_distributors(
+                connection, [order(d) for d in distributors], unit_price=10_000
+            )
+            await connection.commit()
+        return [row.outcome for row in rows]
+
+    async def lock_waits(count: int) -> None:
+        async with engine.connect() as connection:
+            for _ in range(200):
+                waiting = (
+                    await connection.execute(
+                        text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+                    )
+                ).scalar_one()
+                await connection.commit()  # the activity view is a snapshot per transaction
+                if waiting >= count:
+                    return
+                await asyncio.sleep(0.02)
+        raise AssertionError(f"expected {count} purchases waiting for a lock")
+
+    try:
+        async with engine.connect() as holder:
+            rows = await holder.execute(text("SELECT id FROM distributors ORDER BY id"))
+            a, b, c = rows.scalars().all()
+            await holder.commit()
+            await holder.execute(
+                text("SELECT 1 FROM distributors WHERE id = :id FOR UPDATE"), {"id": c}
+            )
+            first = asyncio.create_task(batch([a, c, b]))
+            await lock_waits(1)
+            second = asyncio.create_task(batch([b, a]))
+            await lock_waits(2)
+            await holder.commit()
+            outcomes = await asyncio.wait_for(asyncio.gather(first, second), timeout=30)
+    finally:
+        await engine.dispose()
+    assert outcomes == [["ok", "ok", "ok"], ["ok", "ok"]]
+    books = await ledger_and_balances(stack)
+    assert books["unbalanced"] == []
+    assert sorted(books["balances"].values()) == [80_000, 80_000, 90_000]
+
+
 async def test_idempotency_key_replays_and_refuses_another_body(stack: ServiceStack) -> None:
     await stack.mint(10)
     api_key = await stack.create_distributor()
