@@ -34,8 +34,9 @@ def main() -> None:
         wrk(hello_url, connections=args.connections, seconds=2)  # warm-up
         floor = wrk(hello_url, connections=args.connections, seconds=args.seconds)
 
-    # One distributor buys as fast as it can: its rate limit is still checked (one Redis round
-    # trip per purchase, as in production) but set far above what the machine can reach.
+    # One distributor buys as fast as it can (its purchases all need its one balance row): its
+    # rate limit is still checked (in Redis, one round trip per lease of 20 tokens, the most a
+    # lease holds) but set far above what the machine can reach.
     unlimited = {
         "METERAI_GATEWAY_DISTRIBUTOR_RATE_PER_SECOND": "1000000",
         "METERAI_GATEWAY_DISTRIBUTOR_BURST": "1000000",

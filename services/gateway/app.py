@@ -78,6 +78,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 redis,
                 prefix=settings.rate_limit_key_prefix,
                 pause_seconds=settings.rate_limit_pause_seconds,
+                lease_seconds=settings.rate_limit_lease_seconds,
+                lease_max_tokens=settings.rate_limit_lease_max_tokens,
             )
         try:
             yield

@@ -69,6 +69,11 @@ class GatewaySettings(ServiceSettings):
     # gateway then stops asking Redis (so a dead Redis costs no latency per request).
     rate_limit_redis_timeout_seconds: float = 0.25
     rate_limit_pause_seconds: float = 1.0
+    # A replica takes a distributor's tokens from Redis a few at a time and spends them within
+    # this long (a tenth of the burst at most, and what the rate refills meanwhile): a busy
+    # distributor costs a Redis round trip per lease, not per request.
+    rate_limit_lease_seconds: float = 0.05
+    rate_limit_lease_max_tokens: int = 20
 
     # Load shedding: requests in flight to one upstream. A route class may use only its share
     # of that budget (cheap reads the whole of it, so they are shed last) and at most its own

@@ -7,6 +7,12 @@ the theoretical arrival time, so a bucket costs one small string that expires on
 again. The `limits` library offers fixed and sliding windows but no token bucket, hence this
 short script; redis-py runs it with EVALSHA (one round trip, atomic across replicas).
 
+A replica takes a distributor's tokens from Redis a few at a time (a lease, spent in memory for
+at most `lease_seconds`): a busy distributor costs one Redis round trip per lease instead of
+one per request, while the bucket stays shared, since leased tokens are already spent in it.
+A lease is at most a tenth of the burst and what the rate refills in `lease_seconds`, so small
+contracts stay exact (one token per trip) and tokens a replica leased but did not use are few.
+
 If Redis is unreachable or slow, requests pass unlimited (availability over strictness during a
 deadline surge), counted by `meterai_gateway_rate_limit_fail_open_total`, and Redis is left
 alone for a short pause so that a dead Redis adds no latency per request.
@@ -14,6 +20,7 @@ alone for a short pause so that a dead Redis adds no latency per request.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable
@@ -36,25 +43,30 @@ FAIL_OPEN = Counter(
     "Requests let through unlimited because Redis could not be asked",
 )
 
-# KEYS[1]: the bucket; ARGV: milliseconds per token, bucket size, tokens this request takes.
-# Returns {allowed, remaining tokens, ms until the bucket is full, ms until this cost fits}.
+# KEYS[1]: the bucket; ARGV: milliseconds per token, bucket size, tokens this request needs,
+# tokens it would take if the bucket has them (a lease; at least the first).
+# Returns {allowed, remaining tokens, ms until the bucket is full, ms until this cost fits,
+# tokens taken}.
 _GCRA = """
 local interval = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
+local want = tonumber(ARGV[4])
 local clock = redis.call('TIME')
 local now = clock[1] * 1000 + clock[2] / 1000
 local tolerance = interval * burst
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then tat = now end
-local new_tat = tat + interval * cost
-local wait = new_tat - tolerance - now
+local wait = tat + interval * cost - tolerance - now
 if wait > 0 then
   return {0, math.floor((tolerance - (tat - now)) / interval), math.ceil(tat - now),
-          math.ceil(wait)}
+          math.ceil(wait), 0}
 end
+local taken = math.max(cost, math.min(want, math.floor((tolerance - (tat - now)) / interval)))
+local new_tat = tat + interval * taken
 redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now) + 1)
-return {1, math.floor((tolerance - (new_tat - now)) / interval), math.ceil(new_tat - now), 0}
+return {1, math.floor((tolerance - (new_tat - now)) / interval), math.ceil(new_tat - now), 0,
+        taken}
 """
 
 
@@ -108,34 +120,91 @@ class RateLimited(MeteraiError):
         )
 
 
-class RateLimiter:
-    """Token buckets in Redis; `take` is one EVALSHA."""
+@dataclass
+class _Lease:
+    """Tokens a replica took from a shared bucket and has not spent yet."""
 
-    def __init__(self, redis: aioredis.Redis, *, prefix: str, pause_seconds: float) -> None:
+    tokens: int
+    remaining: int  # what the bucket held besides, when they were taken
+    reset_ms: int
+    expires: float
+
+
+class RateLimiter:
+    """Token buckets in Redis, taken from in leases (one EVALSHA each); concurrent requests of
+    one subject wait for the one lease being taken rather than each asking Redis."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        prefix: str,
+        pause_seconds: float,
+        lease_seconds: float = 0.0,
+        lease_max_tokens: int = 1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.redis = redis
         self.prefix = prefix
         self.pause_seconds = pause_seconds
+        self.lease_seconds = lease_seconds
+        self.lease_max_tokens = lease_max_tokens
+        self._clock = clock
         self._script = redis.register_script(_GCRA)
         self._paused_until = 0.0
+        self._leases: LRUCache[tuple[str, str], _Lease] = LRUCache(maxsize=10_000)
+        self._asking: dict[tuple[str, str], asyncio.Future[None]] = {}
+
+    def lease_size(self, policy: Policy) -> int:
+        """Tokens taken from Redis at once for `policy` (1: every request asks)."""
+        refilled = math.floor(policy.rate * self.lease_seconds)
+        return max(1, min(self.lease_max_tokens, policy.burst // 10, refilled))
 
     async def take(self, policy: Policy, subject: str, cost: int) -> Decision | None:
         """Take `cost` tokens from `subject`'s bucket; None when Redis could not be asked."""
-        if self._paused_until and time.monotonic() < self._paused_until:
+        cost = min(cost, policy.burst)  # a request larger than the bucket could never pass
+        key = (policy.name, subject)
+        while True:
+            lease = self._leases.get(key)
+            if lease is not None and lease.tokens >= cost and self._clock() < lease.expires:
+                lease.tokens -= cost
+                return _decided(policy, True, lease.remaining + lease.tokens, lease.reset_ms, 0)
+            asking = self._asking.get(key)
+            if asking is None:
+                break
+            await asyncio.shield(asking)  # then look at the lease it brought
+        asking = self._asking[key] = asyncio.get_running_loop().create_future()
+        try:
+            return await self._ask(policy, subject, cost, key)
+        finally:
+            del self._asking[key]
+            asking.set_result(None)
+
+    async def _ask(
+        self, policy: Policy, subject: str, cost: int, key: tuple[str, str]
+    ) -> Decision | None:
+        if self._paused_until and self._clock() < self._paused_until:
             FAIL_OPEN.inc()
             return None
-        cost = min(cost, policy.burst)  # a request larger than the bucket could never pass
+        want = max(cost, self.lease_size(policy))
         try:
-            allowed, remaining, reset_ms, wait_ms = await self._script(
+            allowed, remaining, reset_ms, wait_ms, taken = await self._script(
                 keys=[f"{self.prefix}:{policy.name}:{subject}"],
-                args=[1000.0 / policy.rate, policy.burst, cost],
+                args=[1000.0 / policy.rate, policy.burst, cost, want],
             )
         except (aioredis.RedisError, OSError, TimeoutError) as exc:
-            self._paused_until = time.monotonic() + self.pause_seconds
+            self._paused_until = self._clock() + self.pause_seconds
             FAIL_OPEN.inc()
             log.warning("rate_limit_fail_open", error=repr(exc), pause=self.pause_seconds)
             return None
         self._paused_until = 0.0
-        return _decided(policy, bool(allowed), int(remaining), int(reset_ms), int(wait_ms))
+        left = int(taken) - cost if allowed else 0
+        if left > 0:
+            expires = self._clock() + self.lease_seconds
+            self._leases[key] = _Lease(left, int(remaining), int(reset_ms), expires)
+        else:
+            self._leases.pop(key, None)
+        return _decided(policy, bool(allowed), int(remaining) + left, int(reset_ms), int(wait_ms))
 
 
 class LocalRateLimiter:

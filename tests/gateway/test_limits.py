@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import httpx
 import pytest
 from prometheus_client import REGISTRY
+from redis.asyncio import Redis
 
 from services.gateway.app import create_app as create_gateway
 from services.gateway.ratelimit import LocalRateLimiter, Policy, RateLimiter, create_redis
@@ -75,6 +77,78 @@ async def test_concurrent_takes_never_exceed_the_bucket(stack: ServiceStack) -> 
     assert all(d and d.allowed for d in large_a)
     assert sorted(d.remaining for d in small_a if d and d.allowed) == [0, 1, 2, 3, 4, 5, 6]
     assert all(d and d.retry_after_seconds >= 1 for d in small_a if d and not d.allowed)
+
+
+# A bucket that does not refill during a test (one token in 1,000 s), whose leases are 5 tokens
+# (a tenth of the burst) and last as long as the test needs.
+LEASED = Policy("leased", rate=0.001, burst=50)
+
+
+def leasing(redis: Redis, prefix: str, clock: Callable[[], float] = time.monotonic) -> RateLimiter:
+    return RateLimiter(
+        redis, prefix=prefix, pause_seconds=1, lease_seconds=5_000, lease_max_tokens=20, clock=clock
+    )
+
+
+async def spent(redis: Redis, prefix: str) -> int:
+    """Tokens gone from the `LEASED` bucket of "d1", as a replica without leases sees it."""
+    observer = RateLimiter(redis, prefix=prefix, pause_seconds=1)
+    decision = await observer.take(LEASED, "d1", 1)
+    assert decision is not None and decision.allowed
+    return LEASED.burst - decision.remaining - 1
+
+
+async def test_a_replica_takes_a_busy_distributors_tokens_in_leases(stack: ServiceStack) -> None:
+    redis = create_redis(stack.infra.redis.url(), timeout=5)
+    prefix = f"test-{time.monotonic_ns()}"
+    limiter = leasing(redis, prefix)
+    try:
+        assert limiter.lease_size(LEASED) == 5
+        one_by_one = [await limiter.take(LEASED, "d1", 1) for _ in range(12)]
+        # Three leases of 5 served 12 requests; the headers count the lease's tokens as left.
+        assert await spent(redis, prefix) == 15
+        assert [d.remaining for d in one_by_one if d and d.allowed] == list(range(49, 37, -1))
+        # Requests arriving together wait for the lease being taken instead of each asking
+        # for one: 20 more requests take the 3 tokens left, then 4 leases (not 17).
+        together = await asyncio.gather(*(limiter.take(LEASED, "d1", 1) for _ in range(20)))
+        assert all(d is not None and d.allowed for d in together)
+        assert await spent(redis, prefix) == 15 + 1 + 20  # + the observer's first token
+    finally:
+        await redis.aclose()
+
+
+async def test_leased_tokens_never_let_replicas_exceed_the_bucket(stack: ServiceStack) -> None:
+    redis = create_redis(stack.infra.redis.url(), timeout=5)
+    prefix = f"test-{time.monotonic_ns()}"
+    one, two = leasing(redis, prefix), leasing(redis, prefix)
+    try:
+        decisions = await asyncio.gather(
+            *(replica.take(LEASED, "d1", 1) for _ in range(40) for replica in (one, two))
+        )
+    finally:
+        await redis.aclose()
+    assert all(d is not None for d in decisions)
+    assert sum(1 for d in decisions if d and d.allowed) == LEASED.burst
+    refused = [d for d in decisions if d and not d.allowed]
+    assert refused and all(d.remaining == 0 and d.retry_after_seconds >= 1 for d in refused)
+
+
+async def test_a_lease_unused_in_time_is_dropped(stack: ServiceStack) -> None:
+    redis = create_redis(stack.infra.redis.url(), timeout=5)
+    prefix = f"test-{time.monotonic_ns()}"
+    now = [1_000.0]
+    limiter = leasing(redis, prefix, clock=lambda: now[0])
+    try:
+        await limiter.take(LEASED, "d1", 1)
+        await limiter.take(LEASED, "d1", 1)
+        assert await spent(redis, prefix) == 5  # one lease, 3 tokens of it left
+        now[0] += 5_001  # past the lease: its tokens are gone, the next request asks Redis
+        await limiter.take(LEASED, "d1", 1)
+        assert await spent(redis, prefix) == 5 + 1 + 5
+        # A small contract is never leased: every request is one token asked of Redis.
+        assert limiter.lease_size(Policy("small", rate=2, burst=10)) == 1
+    finally:
+        await redis.aclose()
 
 
 def test_a_local_bucket_holds_its_burst_refills_at_its_rate_and_forgets_the_oldest() -> None:
