@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import tracemalloc
 from collections import Counter
 from pathlib import Path
 
@@ -97,37 +96,45 @@ async def _offer_three_times_the_capacity(stack: ServiceStack) -> None:
     refused: list[httpx.Response] = []
     process = psutil.Process()
     rss_before = process.memory_info().rss
-    tracemalloc.start()
-    try:
-        async with httpx.AsyncClient(
-            base_url=stack.gateway_url,
-            headers=headers,
-            timeout=30,
-            limits=httpx.Limits(max_connections=64),
-        ) as client:
+    rss_peak = rss_before
 
-            async def upload() -> None:
-                started = time.monotonic()
-                response = await client.post(
-                    "/api/v1/stampings", files={"file": ("a.pdf", pdf, "application/pdf")}
-                )
-                if response.status_code == 202:
-                    accepted.append((response.json()["id"], time.monotonic() - started))
-                else:
-                    refused.append(response)
+    async def watch_memory() -> None:
+        nonlocal rss_peak
+        while True:
+            rss_peak = max(rss_peak, process.memory_info().rss)
+            await asyncio.sleep(0.02)
 
-            # Open loop: arrivals at a fixed rate, whatever the answers (as a crowd does).
-            arrivals = []
-            begin = time.monotonic()
-            for index in range(int(offered_rate * OFFER_SECONDS)):
-                await asyncio.sleep(max(0.0, begin + index / offered_rate - time.monotonic()))
-                arrivals.append(asyncio.create_task(upload()))
-            await asyncio.gather(*arrivals)
-            offered_for = time.monotonic() - begin
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    # The peak is sampled, not traced: tracemalloc slows every allocation of every service in
+    # this process, which made the accepted uploads' p99 300-1,200 ms instead of 30-50 ms.
+    watcher = asyncio.create_task(watch_memory())
+    async with httpx.AsyncClient(
+        base_url=stack.gateway_url,
+        headers=headers,
+        timeout=30,
+        limits=httpx.Limits(max_connections=64),
+    ) as client:
+
+        async def upload() -> None:
+            started = time.monotonic()
+            response = await client.post(
+                "/api/v1/stampings", files={"file": ("a.pdf", pdf, "application/pdf")}
+            )
+            if response.status_code == 202:
+                accepted.append((response.json()["id"], time.monotonic() - started))
+            else:
+                refused.append(response)
+
+        # Open loop: arrivals at a fixed rate, whatever the answers (as a crowd does).
+        arrivals = []
+        begin = time.monotonic()
+        for index in range(int(offered_rate * OFFER_SECONDS)):
+            await asyncio.sleep(max(0.0, begin + index / offered_rate - time.monotonic()))
+            arrivals.append(asyncio.create_task(upload()))
+        await asyncio.gather(*arrivals)
+        offered_for = time.monotonic() - begin
+    watcher.cancel()
     rss_growth = process.memory_info().rss - rss_before
+    peak_growth = max(rss_peak, process.memory_info().rss) - rss_before
 
     offered = len(accepted) + len(refused)
     codes = Counter(response.json().get("code") for response in refused)
@@ -137,7 +144,7 @@ async def _offer_three_times_the_capacity(stack: ServiceStack) -> None:
         f"capacity {capacity:.1f} jobs/s, offered {offered} in {offered_for:.1f} s "
         f"({offered / offered_for:.1f}/s), accepted {len(accepted)}, refused {dict(codes)}, "
         f"p99 accepted {p99 * 1000:.0f} ms, "
-        f"traced peak {peak / 2**20:.1f} MiB, rss growth {rss_growth / 2**20:.1f} MiB"
+        f"rss growth {rss_growth / 2**20:.1f} MiB (at the peak {peak_growth / 2**20:.1f} MiB)"
     )
     assert accepted and refused, (len(accepted), len(refused))
     for response in refused:
@@ -151,7 +158,7 @@ async def _offer_three_times_the_capacity(stack: ServiceStack) -> None:
     )
     assert p99 < 1.0, p99
     # Every service of the stack runs in this process, so this bounds the gateway and more.
-    assert peak < 64 * 1024 * 1024, peak
+    assert peak_growth < 64 * 1024 * 1024, peak_growth
     assert rss_growth < 128 * 1024 * 1024, rss_growth
 
     async with stack.client(api_key) as client:
