@@ -5,9 +5,7 @@ Revises: 5d2e8a7c4b10
 Create Date: 2026-11-30 07:30:00.000000
 """
 
-import importlib.util
 from collections.abc import Sequence
-from pathlib import Path
 
 from alembic import op
 
@@ -129,27 +127,13 @@ $$
 """
 
 
-def _buy_stamps() -> str:
-    """The per-order function this one replaces (its own migration's text)."""
-    path = Path(__file__).with_name("2026_11_29_buy_stamps_function.py")
-    spec = importlib.util.spec_from_file_location("buy_stamps_function", path)
-    if spec is None or spec.loader is None:
-        raise RuntimeError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    text: str = module.BUY_STAMPS
-    return text
-
-
 def upgrade() -> None:
+    # `buy_stamps` stays: inventory processes of the previous release still call it during a
+    # rolling update. A later migration drops it, once no such process can be running.
     op.execute(BUY_STAMPS_BATCH)
-    op.execute(
-        "DROP FUNCTION buy_stamps(uuid, uuid, integer, bigint, uuid, varchar, varchar, varchar)"
-    )
 
 
 def downgrade() -> None:
-    op.execute(_buy_stamps())
     op.execute(
         "DROP FUNCTION buy_stamps_batch("
         "uuid[], uuid[], integer[], bigint, uuid[], varchar[], varchar[], varchar[])"
