@@ -22,7 +22,14 @@ from tests.harness import Served, ServiceStack
 RATE, BURST = 2.0, 10
 
 
-@pytest.mark.settings(gateway={"distributor_rate_per_second": RATE, "distributor_burst": BURST})
+@pytest.mark.settings(
+    gateway={
+        "distributor_rate_per_second": RATE,
+        "distributor_burst": BURST,
+        # Not about failing open: a slow Redis on a busy machine must not let requests pass.
+        "rate_limit_redis_timeout_seconds": 5,
+    }
+)
 async def test_rate_limits_hold_across_two_gateways(stack: ServiceStack) -> None:
     api_key = await stack.create_distributor()
     second = Served(create_gateway(stack.gateway_settings()))
