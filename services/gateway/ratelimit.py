@@ -12,6 +12,8 @@ at most `lease_seconds`): a busy distributor costs one Redis round trip per leas
 one per request, while the bucket stays shared, since leased tokens are already spent in it.
 A lease is at most a tenth of the burst and what the rate refills in `lease_seconds`, so small
 contracts stay exact (one token per trip) and tokens a replica leased but did not use are few.
+A refusal is remembered until the refused cost can fit, so a distributor over its limit costs
+no round trip per request either.
 
 If Redis is unreachable or slow, requests pass unlimited (availability over strictness during a
 deadline surge), counted by `meterai_gateway_rate_limit_fail_open_total`, and Redis is left
@@ -122,12 +124,15 @@ class RateLimited(MeteraiError):
 
 @dataclass
 class _Lease:
-    """Tokens a replica took from a shared bucket and has not spent yet."""
+    """What a replica knows of a shared bucket until `expires`: tokens it took and has not
+    spent yet; or, after a refusal, that `refused` tokens cannot fit before then (buckets only
+    refill with time, and other replicas only take from them)."""
 
     tokens: int
-    remaining: int  # what the bucket held besides, when they were taken
+    remaining: int  # what the bucket held besides, when Redis answered
     reset_ms: int
     expires: float
+    refused: int = 0
 
 
 class RateLimiter:
@@ -166,9 +171,17 @@ class RateLimiter:
         key = (policy.name, subject)
         while True:
             lease = self._leases.get(key)
-            if lease is not None and lease.tokens >= cost and self._clock() < lease.expires:
-                lease.tokens -= cost
-                return _decided(policy, True, lease.remaining + lease.tokens, lease.reset_ms, 0)
+            now = self._clock()
+            if lease is not None and now < lease.expires:
+                if lease.tokens >= cost:
+                    lease.tokens -= cost
+                    remaining = lease.remaining + lease.tokens
+                    return _decided(policy, True, remaining, lease.reset_ms, 0)
+                if lease.refused and cost >= lease.refused:
+                    # Refused here until then, without asking Redis again (a flood of one
+                    # distributor's requests would otherwise ask one after the other).
+                    wait_ms = math.ceil((lease.expires - now) * 1000)
+                    return _decided(policy, False, lease.remaining, lease.reset_ms, wait_ms)
             asking = self._asking.get(key)
             if asking is None:
                 break
@@ -202,6 +215,9 @@ class RateLimiter:
         if left > 0:
             expires = self._clock() + self.lease_seconds
             self._leases[key] = _Lease(left, int(remaining), int(reset_ms), expires)
+        elif not allowed:
+            expires = self._clock() + int(wait_ms) / 1000
+            self._leases[key] = _Lease(0, int(remaining), int(reset_ms), expires, refused=cost)
         else:
             self._leases.pop(key, None)
         return _decided(policy, bool(allowed), int(remaining) + left, int(reset_ms), int(wait_ms))

@@ -17,7 +17,7 @@ from services.gateway.ratelimit import LocalRateLimiter, Policy, RateLimiter, cr
 from services.gateway.routes import RouteClass, Upstream
 from services.gateway.shedding import Budgets, Overloaded
 from services.platform.embedded import free_port
-from tests.harness import Served, ServiceStack
+from tests.harness import Infrastructure, Served, ServiceStack
 
 RATE, BURST = 2.0, 10
 
@@ -154,6 +154,42 @@ async def test_a_lease_unused_in_time_is_dropped(stack: ServiceStack) -> None:
         assert await spent(redis, prefix) == 5 + 1 + 5
         # A small contract is never leased: every request is one token asked of Redis.
         assert limiter.lease_size(Policy("small", rate=2, burst=10)) == 1
+    finally:
+        await redis.aclose()
+
+
+async def test_a_refusal_is_remembered_until_the_cost_can_fit(infra: Infrastructure) -> None:
+    """A distributor flooding past its limit is refused by the replica itself until its bucket
+    can hold the request again, not by one Redis round trip after another."""
+    redis = create_redis(infra.redis.url(), timeout=5)
+    prefix = f"test-{time.monotonic_ns()}"
+    now = [1_000.0]
+    limiter = leasing(redis, prefix, clock=lambda: now[0])
+    small = Policy("small", rate=1, burst=3)  # one token a second; never leased
+
+    async def evalsha_calls() -> int:
+        stats = await redis.info("commandstats")
+        return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+    try:
+        taken = [await limiter.take(small, "d1", 1) for _ in range(4)]
+        assert [d.allowed for d in taken if d] == [True, True, True, False]
+        refused = taken[3]
+        assert refused is not None and refused.retry_after_seconds == 1
+        before = await evalsha_calls()  # nothing else uses this Redis now
+        flood = await asyncio.gather(*(limiter.take(small, "d1", 1) for _ in range(50)))
+        assert not any(d and d.allowed for d in flood)
+        assert all(d and d.retry_after_seconds == 1 and d.remaining == 0 for d in flood)
+        assert await evalsha_calls() == before
+        # A request larger than the one refused is refused too; once it can fit, Redis decides.
+        larger = await limiter.take(small, "d1", 2)
+        assert larger is not None and not larger.allowed
+        assert await evalsha_calls() == before
+        now[0] += 2
+        await asyncio.sleep(1.1)  # Redis's own clock refills the bucket
+        again = await limiter.take(small, "d1", 1)
+        assert again is not None and again.allowed
+        assert await evalsha_calls() == before + 1
     finally:
         await redis.aclose()
 
