@@ -34,7 +34,8 @@ class InventorySettings(ServiceSettings):
     max_quantity_per_purchase: int = 1_000
     db_pool_size: int = 20
     # Distributor purchases arriving together run as one statement and one commit: at most
-    # this many purchases per batch, and this many batches at once.
+    # this many purchases per batch, and this many batches at once (a second one starts only
+    # when a whole batch is waiting).
     purchase_batch_size: int = 64
     purchase_batches_in_flight: int = 2
     db_pool_timeout_seconds: float = 10.0

@@ -20,7 +20,9 @@ depends_on: str | Sequence[str] | None = None
 # (so concurrent batches never deadlock), and the serials of the whole batch are taken in one
 # pick (SKIP LOCKED, sorted, each purchase a run of them). The orders are decided in a loop
 # over arrays; then one UPDATE per table and one INSERT per table write them. Measured with
-# purchases of one distributor arriving together: 0.30 ms of statement per purchase before.
+# purchases of one distributor arriving together (batches of about 16): 0.30 ms of statement
+# per purchase with `buy_stamps` called per order, 0.195 ms with this; PostgreSQL's CPU per
+# purchase 0.17 ms, then 0.09 ms.
 BUY_STAMPS_BATCH = """
 CREATE FUNCTION buy_stamps_batch(
     p_purchase_ids uuid[],
