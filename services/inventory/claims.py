@@ -90,7 +90,10 @@ class ClaimChecker:
                     first = await service.mark_used(session, claim.job_id, claim.serial)
                     outcome = "used" if first else "already_used"
                 else:
-                    released = await service.release_serial(session, claim.job_id)
+                    # Unless an upload retried meanwhile renewed the claim.
+                    released = await service.release_serial(
+                        session, claim.job_id, claimed_at=claim.claimed_at
+                    )
                     outcome = "released" if released else "already_released"
         except MeteraiError as exc:
             log.error("claim_outcome_rejected", serial=claim.serial, error=exc.detail)

@@ -100,6 +100,9 @@ class Serial(Base):
     job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     # When a job claimed this serial, and when inventory last asked stamping about that job.
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The upload attempt that made (or last renewed) the claim: a give-back by an earlier
+    # attempt of the same job, arriving late, leaves a later attempt's claim alone.
+    claim_attempt: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     claim_checked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     minted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     sold_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

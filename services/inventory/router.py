@@ -295,7 +295,7 @@ async def authenticate(
 async def claim_serial(body: ClaimIn, _: CallingService, session: SessionDep) -> ClaimOut:
     """Stamping reserves an owned, unused serial for a job (idempotent per job)."""
     serial = await service.claim_serial(
-        session, owner=body.owner, job_id=body.job_id, serial=body.serial
+        session, owner=body.owner, job_id=body.job_id, serial=body.serial, attempt=body.attempt
     )
     return ClaimOut(serial=serial)
 
@@ -303,4 +303,4 @@ async def claim_serial(body: ClaimIn, _: CallingService, session: SessionDep) ->
 @internal.post("/serials/release", status_code=204)
 async def release_serial(body: ReleaseIn, _: CallingService, session: SessionDep) -> None:
     """Stamping gives back the serial of a job that will not run."""
-    await service.release_serial(session, body.job_id)
+    await service.release_serial(session, body.job_id, attempt=body.attempt)

@@ -103,6 +103,8 @@ class ClaimIn(StrictBody):
     owner: str = Field(min_length=1, max_length=100)
     job_id: uuid.UUID
     serial: SerialNumber | None = None
+    # The upload attempt asking (absent from callers that predate attempts).
+    attempt: uuid.UUID | None = None
 
 
 class ClaimOut(BaseModel):
@@ -111,3 +113,5 @@ class ClaimOut(BaseModel):
 
 class ReleaseIn(StrictBody):
     job_id: uuid.UUID
+    # Give back only what this attempt still holds; absent: whatever the job holds.
+    attempt: uuid.UUID | None = None

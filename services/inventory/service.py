@@ -19,7 +19,6 @@ from services.inventory.models import (
     PaymentOutcome,
     Purchase,
     PurchaseStatus,
-    Serial,
     SerialState,
 )
 from services.platform.batching import Coalescer
@@ -414,15 +413,29 @@ async def expire_reservations(session: AsyncSession, *, limit: int = 500) -> int
 
 
 async def claim_serial(
-    session: AsyncSession, *, owner: str, job_id: uuid.UUID, serial: str | None
+    session: AsyncSession,
+    *,
+    owner: str,
+    job_id: uuid.UUID,
+    serial: str | None,
+    attempt: uuid.UUID | None = None,
 ) -> str:
-    """Reserve a sold, unused serial of `owner` for a stamping job (idempotent per job)."""
-    existing = await repo.serial_of_job(session, job_id)
-    if existing is not None:
-        if serial is not None and existing.serial != serial:
+    """Reserve a sold, unused serial of `owner` for a stamping job (idempotent per job).
+
+    `attempt` names the upload attempt asking. Stamping gives a retried upload the same job id,
+    so a claim its first attempt left behind (that attempt failed after the claim and could not
+    give it back) is the retry's: claiming again renews it under the new attempt, and the first
+    attempt's late give-back then releases nothing (see `release_serial`).
+    """
+    row = await repo.serial_of_job(session, job_id)
+    if row is not None:
+        if serial is not None and row.serial != serial:
             raise Conflict("This job already holds another serial.")
-        return existing.serial
-    row: Serial | None
+        if row.state is SerialState.sold:
+            row.claimed_at, row.claim_attempt = datetime.now(UTC), attempt
+            row.claim_checked_at = None
+            await session.flush()
+        return row.serial
     if serial is None:
         row = await repo.first_unclaimed_serial(session, owner)
         if row is None:
@@ -437,18 +450,31 @@ async def claim_serial(
                 f"Serial {serial} is {'already used' if row.job_id else row.state.value}.",
                 extra={"serial": serial},
             )
-    row.job_id = job_id
-    row.claimed_at = datetime.now(UTC)
+    row.job_id, row.claimed_at, row.claim_attempt = job_id, datetime.now(UTC), attempt
     await session.flush()
     return row.serial
 
 
-async def release_serial(session: AsyncSession, job_id: uuid.UUID) -> str | None:
-    """Give a failed job's serial back to its owner, unused (idempotent)."""
+async def release_serial(
+    session: AsyncSession,
+    job_id: uuid.UUID,
+    *,
+    attempt: uuid.UUID | None = None,
+    claimed_at: datetime | None = None,
+) -> str | None:
+    """Give a failed job's serial back to its owner, unused (idempotent).
+
+    With `attempt`, only a claim that attempt still holds is given back; with `claimed_at`,
+    only a claim not renewed since then. Either way a later attempt's claim stays.
+    """
     row = await repo.serial_of_job(session, job_id)
     if row is None or row.state is not SerialState.sold:
         return None
-    row.job_id = row.claimed_at = row.claim_checked_at = None
+    if attempt is not None and row.claim_attempt != attempt:
+        return None
+    if claimed_at is not None and row.claimed_at != claimed_at:
+        return None
+    row.job_id = row.claimed_at = row.claim_checked_at = row.claim_attempt = None
     await session.flush()
     return row.serial
 

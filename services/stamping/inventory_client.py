@@ -33,17 +33,29 @@ class InventoryClient:
     def __init__(self, client: ServiceClient) -> None:
         self.client = client
 
-    async def claim_serial(self, *, owner: str, job_id: uuid.UUID, serial: str | None) -> str:
-        """Reserve an owned, unused serial for `job_id` (idempotent per job)."""
-        response = await self._post(
-            "/internal/v1/serials/claim",
-            {"owner": owner, "job_id": str(job_id), "serial": serial},
-        )
+    async def claim_serial(
+        self,
+        *,
+        owner: str,
+        job_id: uuid.UUID,
+        serial: str | None,
+        attempt: uuid.UUID | None = None,
+    ) -> str:
+        """Reserve an owned, unused serial for `job_id` (idempotent per job), on behalf of
+        upload `attempt`."""
+        body = {"owner": owner, "job_id": str(job_id), "serial": serial}
+        if attempt is not None:
+            body["attempt"] = str(attempt)
+        response = await self._post("/internal/v1/serials/claim", body)
         return str(response.json()["serial"])
 
-    async def release_serial(self, job_id: uuid.UUID) -> None:
-        """Give the serial of `job_id` back (idempotent)."""
-        await self._post("/internal/v1/serials/release", {"job_id": str(job_id)})
+    async def release_serial(self, job_id: uuid.UUID, *, attempt: uuid.UUID | None = None) -> None:
+        """Give the serial of `job_id` back (idempotent); with `attempt`, only while that
+        attempt's claim stands."""
+        body = {"job_id": str(job_id)}
+        if attempt is not None:
+            body["attempt"] = str(attempt)
+        await self._post("/internal/v1/serials/release", body)
 
     async def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
         try:

@@ -20,13 +20,15 @@ from services.platform.idempotency import IdempotencyStore, StoredResponse, requ
 from services.platform.identity import Principal
 from services.platform.ids import new_id
 from services.stamping import repository as repo
-from services.stamping.inventory_client import InventoryClient
+from services.stamping.inventory_client import InventoryClient, UpstreamProblem
 from services.stamping.messages import StampingRequested
 from services.stamping.models import JobStatus, StampingJob, idempotency_keys
 from services.stamping.signing import DocumentRejected, StampBox, inspect_document
 
 log = structlog.get_logger(__name__)
 idempotency = IdempotencyStore(idempotency_keys)
+# Namespace of the job ids derived from Idempotency-Keys (any fixed UUID; never change it).
+_JOB_IDS = uuid.UUID("6f0c8f5e-2b7a-4c1d-9a3e-5d4b8c2f1e07")
 
 
 class InvalidDocument(MeteraiError):
@@ -106,8 +108,13 @@ async def accept(
         )
     except DocumentRejected as rejection:
         raise InvalidDocument(rejection) from rejection
-    job_id = new_id()
-    claimed = False
+    job_id = job_id_for(principal.owner_key, idempotency_key, order)
+    # Each attempt claims under its own name: a give-back of ours that arrives late releases
+    # nothing a retry of the same upload has claimed since.
+    attempt = new_id()
+    # Whether inventory may hold a claim of ours (yes once asked, unless it refused), and
+    # whether our transaction had reached its commit, whose outcome a failure leaves unknown.
+    claim_asked = committing = False
     try:
         async with transaction(sessionmaker) as session:
             if idempotency_key is not None:
@@ -119,10 +126,18 @@ async def accept(
                 )
                 if replay is not None:
                     return Accepted(job=None, replay=replay)
-            serial = await inventory.claim_serial(
-                owner=principal.owner_key, job_id=job_id, serial=order.serial
-            )
-            claimed = True
+                # The key was used for this very upload so long ago that its record is gone.
+                earlier = await session.get(StampingJob, job_id)
+                if earlier is not None:
+                    return await _replay_job(session, principal, idempotency_key, earlier, render)
+            claim_asked = True
+            try:
+                serial = await inventory.claim_serial(
+                    owner=principal.owner_key, job_id=job_id, serial=order.serial, attempt=attempt
+                )
+            except UpstreamProblem:
+                claim_asked = False  # refused: nothing was claimed
+                raise
             await blobs.put(input_key(job_id), order.document)
             job = StampingJob(
                 id=job_id,
@@ -159,19 +174,57 @@ async def accept(
                     status_code=202,
                     body=render(job),
                 )
+            committing = True
         log.info("stamping_accepted", job_id=str(job_id), serial=serial, bytes=len(order.document))
         return Accepted(job=job, replay=None)
     except BaseException:
-        if claimed:
-            await _give_back(inventory, job_id)
+        if claim_asked and not (committing and await _recorded(sessionmaker, job_id)):
+            await _give_back(inventory, job_id, attempt)
         raise
 
 
-async def _give_back(inventory: InventoryClient, job_id: uuid.UUID) -> None:
+def job_id_for(owner: str, idempotency_key: str | None, order: StampingOrder) -> uuid.UUID:
+    """The id of the job an upload creates: a new one, or with an Idempotency-Key the same one
+    on every retry of the upload, so that a retry takes over whatever claim an earlier attempt
+    left at inventory (a failed attempt whose give-back did not reach inventory either) instead
+    of finding the owner's stamp taken until the claim is found orphaned."""
+    if idempotency_key is None:
+        return new_id()
+    return uuid.uuid5(_JOB_IDS, "\n".join((owner, idempotency_key, order.fingerprint())))
+
+
+async def _replay_job(
+    session: AsyncSession,
+    principal: Principal,
+    idempotency_key: str,
+    job: StampingJob,
+    render: Any,
+) -> Accepted:
+    body = render(job)
+    await idempotency.record(
+        session, owner=principal.owner_key, key=idempotency_key, status_code=202, body=body
+    )
+    return Accepted(job=None, replay=StoredResponse(status_code=202, body=body))
+
+
+async def _recorded(sessionmaker: async_sessionmaker[AsyncSession], job_id: uuid.UUID) -> bool:
+    """Whether the job was stored after all (a commit can succeed and its answer be lost);
+    when that cannot be told, as if it were: its claim must not be given back while the job
+    may run, and inventory asks about claims that stay open (see `inventory.claims`)."""
     try:
-        await inventory.release_serial(job_id)
+        async with sessionmaker() as session:
+            return await session.get(StampingJob, job_id) is not None
+    except Exception as exc:  # noqa: BLE001 - the database is what just failed
+        log.warning("stamping_commit_unknown", job_id=str(job_id), error=repr(exc))
+        return True
+
+
+async def _give_back(inventory: InventoryClient, job_id: uuid.UUID, attempt: uuid.UUID) -> None:
+    try:
+        await inventory.release_serial(job_id, attempt=attempt)
     except MeteraiError as exc:
-        # The claim stays with a job that does not exist; reconciliation releases it.
+        # The claim stays with a job that does not exist: a retry of the upload (same key)
+        # takes it over, and otherwise the orphaned claim is released after a while.
         log.error("serial_release_failed", job_id=str(job_id), error=exc.detail)
 
 

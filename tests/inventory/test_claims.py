@@ -4,9 +4,12 @@ leaves alone the jobs that are still running."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 
 import asyncpg
+import httpx
 import pytest
 from prometheus_client import REGISTRY
 
@@ -43,15 +46,36 @@ async def _serial(stack: ServiceStack, serial: str) -> asyncpg.Record:
     return row
 
 
+async def _one_stamp(stack: ServiceStack) -> tuple[str, str]:
+    """A new distributor's API key and the one serial it bought."""
+    await stack.mint(1)
+    api_key = await stack.create_distributor()
+    async with stack.client(api_key) as client:
+        (serial,) = (await client.post("/api/v1/purchases", json={"quantity": 1})).json()["serials"]
+    return api_key, serial
+
+
+@contextlib.asynccontextmanager
+async def _as_stamping(stack: ServiceStack) -> AsyncIterator[InventoryClient]:
+    """Inventory's internal API, called as stamping calls it."""
+    http = create_http_client(stack.servers["inventory"].url, timeout=5)
+    try:
+        yield InventoryClient(
+            ServiceClient(
+                http, PrincipalCodec(INTERNAL_SECRET), Principal(PrincipalKind.service, "stamping")
+            )
+        )
+    finally:
+        await http.aclose()
+
+
 @pytest.mark.workers(0)
 @pytest.mark.settings(inventory=RESULTS_LOST)
 async def test_a_job_whose_result_was_lost_still_uses_its_serial_once_it_is_done(
     stack: ServiceStack,
 ) -> None:
-    await stack.mint(2)
-    api_key = await stack.create_distributor()
+    api_key, serial = await _one_stamp(stack)
     async with stack.client(api_key) as client:
-        (serial,) = (await client.post("/api/v1/purchases", json={"quantity": 1})).json()["serials"]
         upload = await client.post(
             "/api/v1/stampings", files={"file": ("a.pdf", make_pdf(1), "application/pdf")}
         )
@@ -82,20 +106,11 @@ async def test_a_job_whose_result_was_lost_still_uses_its_serial_once_it_is_done
 
 @pytest.mark.settings(inventory={**RESULTS_LOST, "orphan_claim_after_seconds": 1.0})
 async def test_a_claim_whose_upload_never_committed_is_given_back(stack: ServiceStack) -> None:
-    await stack.mint(1)
-    api_key = await stack.create_distributor()
-    async with stack.client(api_key) as client:
-        (serial,) = (await client.post("/api/v1/purchases", json={"quantity": 1})).json()["serials"]
+    _, serial = await _one_stamp(stack)
     owner = (await _serial(stack, serial))["owner"]
 
     # Stamping claims the serial for a job, then crashes before the job's row commits.
-    http = create_http_client(stack.servers["inventory"].url, timeout=5)
-    try:
-        inventory = InventoryClient(
-            ServiceClient(
-                http, PrincipalCodec(INTERNAL_SECRET), Principal(PrincipalKind.service, "stamping")
-            )
-        )
+    async with _as_stamping(stack) as inventory:
         vanished = uuid.uuid4()
         assert await inventory.claim_serial(owner=owner, job_id=vanished, serial=serial) == serial
         assert (await _serial(stack, serial))["job_id"] == vanished
@@ -108,5 +123,110 @@ async def test_a_claim_whose_upload_never_committed_is_given_back(stack: Service
         # The distributor can stamp with it again.
         again = uuid.uuid4()
         assert await inventory.claim_serial(owner=owner, job_id=again, serial=serial) == serial
+
+
+# PostgreSQL going away, as a restart looks to the statement that meets it.
+_FAIL_LIKE_A_RESTART = """
+CREATE FUNCTION fail_like_a_restart() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'terminating connection due to administrator command'
+        USING ERRCODE = 'admin_shutdown';
+END $$
+"""
+
+
+async def _execute(url: str, *statements: str) -> None:
+    connection = await asyncpg.connect(url)
+    try:
+        for statement in statements:
+            await connection.execute(statement)
     finally:
-        await http.aclose()
+        await connection.close()
+
+
+async def test_a_retried_upload_takes_over_the_claim_its_failed_attempt_could_not_give_back(
+    stack: ServiceStack,
+) -> None:
+    api_key, serial = await _one_stamp(stack)
+    # Stamping's commit fails after inventory granted the claim, and so does the give-back:
+    # the database both use restarts in between (what the surge's fault rehearsal met).
+    await _execute(
+        stack.stamping_db,
+        _FAIL_LIKE_A_RESTART,
+        "CREATE CONSTRAINT TRIGGER restart_at_commit AFTER INSERT ON stamping_jobs"
+        " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION fail_like_a_restart()",
+    )
+    await _execute(
+        stack.inventory_db,
+        _FAIL_LIKE_A_RESTART,
+        "CREATE TRIGGER restart_at_release BEFORE UPDATE ON serials FOR EACH ROW"
+        " WHEN (OLD.job_id IS NOT NULL AND NEW.job_id IS NULL)"
+        " EXECUTE FUNCTION fail_like_a_restart()",
+    )
+    document = make_pdf(1)
+    async with stack.client(api_key) as client:
+
+        async def upload() -> httpx.Response:
+            return await client.post(
+                "/api/v1/stampings",
+                files={"file": ("a.pdf", document, "application/pdf")},
+                headers={"Idempotency-Key": "cv-upload-1"},
+            )
+
+        failed = await upload()
+        assert failed.status_code == 503, failed.text
+        assert failed.json()["code"] == "database_unavailable"
+        assert failed.headers["retry-after"]
+        left_behind = await _serial(stack, serial)
+        assert left_behind["state"] == "sold" and left_behind["job_id"] is not None
+
+        await _execute(stack.stamping_db, "DROP TRIGGER restart_at_commit ON stamping_jobs")
+        await _execute(stack.inventory_db, "DROP TRIGGER restart_at_release ON serials")
+        retried = await upload()
+        assert retried.status_code == 202, retried.text
+        job = retried.json()
+        assert job["serial"] == serial
+        assert uuid.UUID(job["id"]) == left_behind["job_id"]
+
+        async def used() -> bool:
+            row = await _serial(stack, serial)
+            return (row["state"], row["job_id"]) == ("used", left_behind["job_id"])
+
+        await wait_for(used, within=60)
+        assert (await client.get(f"/api/v1/stampings/{job['id']}")).json()["status"] == "done"
+
+        # Long after, the key's record is purged; the same upload is still that same job.
+        await _execute(stack.stamping_db, "DELETE FROM idempotency_keys")
+        again = await upload()
+        assert again.status_code == 202, again.text
+        assert again.headers["idempotent-replayed"] == "true"
+        assert again.json()["id"] == job["id"] and again.json()["status"] == "done"
+        # The same key with another document is another request, and the stamp is spent.
+        other = await client.post(
+            "/api/v1/stampings",
+            files={"file": ("b.pdf", make_pdf(2), "application/pdf")},
+            headers={"Idempotency-Key": "cv-upload-1"},
+        )
+        assert other.status_code == 422, other.text
+        assert other.json()["code"] == "idempotency_key_reused"
+
+
+async def test_a_late_give_back_from_an_earlier_attempt_leaves_a_retrys_claim(
+    stack: ServiceStack,
+) -> None:
+    _, serial = await _one_stamp(stack)
+    owner = (await _serial(stack, serial))["owner"]
+    async with _as_stamping(stack) as inventory:
+        job, first, second = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+        assert await inventory.claim_serial(owner=owner, job_id=job, serial=None, attempt=first)
+        # The first attempt failed; its retry claims for the same job before the first
+        # attempt's give-back arrives.
+        assert await inventory.claim_serial(owner=owner, job_id=job, serial=None, attempt=second)
+        await inventory.release_serial(job, attempt=first)
+        assert (await _serial(stack, serial))["job_id"] == job
+        await inventory.release_serial(job, attempt=second)
+        assert (await _serial(stack, serial))["job_id"] is None
+        # A give-back naming no attempt (a job that failed) gives back whatever the job holds.
+        assert await inventory.claim_serial(owner=owner, job_id=job, serial=None, attempt=first)
+        await inventory.release_serial(job)
+        assert (await _serial(stack, serial))["job_id"] is None

@@ -196,7 +196,24 @@ async def test_an_applicant_waits_is_admitted_buys_pays_and_downloads(
             await page.locator("#document").set_input_files(
                 files=[{"name": "surat.pdf", "mimeType": "application/pdf", "buffer": document}]
             )
+            # The upload reaches the server, but its answer is lost on the way back. Pressing
+            # again is the same upload (the same key): the job the server already took, not
+            # "no unused stamp" because the lost upload holds it.
+            lost: list[int] = []
+
+            async def lose_the_answer(route: Route) -> None:
+                lost.append((await route.fetch()).status)
+                await route.abort("connectionreset")
+
+            await page.route("**/api/v1/stampings", lose_the_answer)
             await page.get_by_role("button", name="Unggah dan bubuhkan meterai").click()
+            await expect(page.locator("#upload-problem")).to_have_text(
+                "Tidak dapat terhubung. Periksa koneksi internet Anda lalu coba lagi."
+            )
+            assert lost == [202]
+            await page.unroute("**/api/v1/stampings", lose_the_answer)
+            await page.get_by_role("button", name="Unggah dan bubuhkan meterai").click()
+            await expect(page.locator("#upload-problem")).to_be_hidden()
             jobs = page.locator("#jobs li")
             await expect(jobs).to_have_count(1)
             await expect(jobs.first).to_contain_text("surat.pdf")

@@ -32,6 +32,17 @@
   let uploadProblem = null;
   let sessionProblem = null;
   let purchaseTimer = null;
+  // The Idempotency-Key of an order or upload whose answer never came (the network, a busy
+  // server): pressing again sends the same request under the same key, so the server replays
+  // what it did instead of ordering twice, or finding the stamp already taken by the upload
+  // whose answer was lost. Any change to the form makes it another request, with a new key.
+  let buyKey = null;
+  let uploadKey = null;
+
+  // Whether an answer settles its request (done or refused), or leaves it to be tried again.
+  function settled(answer) {
+    return answer.status >= 200 && answer.status < 500 && answer.status !== 429;
+  }
 
   function load(key, fallback) {
     try { return JSON.parse(localStorage.getItem(key)) || fallback; } catch (error) { return fallback; }
@@ -59,6 +70,10 @@
 
   // --- buying ----------------------------------------------------------------------------
 
+  $("buy-form").addEventListener("input", () => { buyKey = null; });
+  $("upload-form").addEventListener("input", () => { uploadKey = null; });
+  $("upload-form").addEventListener("change", () => { uploadKey = null; });
+
   $("buy-form").addEventListener("submit", async (event) => {
     event.preventDefault();
     if (buying) { return; }
@@ -66,10 +81,12 @@
     buyProblem = null;
     render();
     const quantity = parseInt($("quantity").value, 10);
+    buyKey = buyKey || M.randomKey();
     const answer = await api("POST", "/api/v1/purchases", {
-      json: { quantity: quantity }, headers: { "Idempotency-Key": M.randomKey() },
+      json: { quantity: quantity }, headers: { "Idempotency-Key": buyKey },
     });
     buying = false;
+    if (settled(answer)) { buyKey = null; }
     if (answer.ok) {
       purchase = answer.body;
       save();
@@ -109,13 +126,15 @@
     uploading = true;
     uploadProblem = null;
     render();
+    uploadKey = uploadKey || M.randomKey();
     const answer = await api("POST", "/api/v1/stampings", {
-      form: form, headers: { "Idempotency-Key": M.randomKey() },
+      form: form, headers: { "Idempotency-Key": uploadKey },
     });
     uploading = false;
+    if (settled(answer)) { uploadKey = null; }
     if (answer.ok) {
       const entry = { name: file.name, job: answer.body };
-      jobs.unshift(entry);
+      jobs = [entry].concat(jobs.filter((e) => e.job.id !== entry.job.id));
       save();
       $("upload-form").reset();
       watchJob(entry);
