@@ -51,9 +51,8 @@ def create_app(settings: InventorySettings | None = None) -> FastAPI:
             topics=[settings.stamping_results_topic],
             group_id=settings.consumer_group,
             client_id="inventory",
-            handler=StampingResultHandler(sessionmaker),
-            concurrency=8,
-            max_batch=64,
+            batch_handler=StampingResultHandler(sessionmaker),
+            max_batch=256,
         )
         await consumer.start_in_background()
         stamping = create_http_client(settings.stamping_url, timeout=10)

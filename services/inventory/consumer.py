@@ -13,7 +13,6 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.inventory import service
 from services.platform.db import transaction
-from services.platform.errors import MeteraiError
 
 log = structlog.get_logger(__name__)
 
@@ -27,27 +26,30 @@ class StampingResult(BaseModel):
 
 
 class StampingResultHandler:
+    """Applies a whole fetch of results in one transaction: the finished jobs' serials marked
+    used together (see `service.mark_used_batch`), the failed jobs' given back one by one."""
+
     def __init__(self, sessionmaker: async_sessionmaker[AsyncSession]) -> None:
         self.sessionmaker = sessionmaker
 
-    async def __call__(self, record: ConsumerRecord[bytes, bytes]) -> None:
-        try:
-            result = StampingResult.model_validate_json(record.value or b"")
-        except ValidationError as exc:
-            # A malformed message will never parse; skipping it must not block the partition.
-            log.error("bad_stamping_result", offset=record.offset, error=str(exc))
-            return
-        structlog.contextvars.bind_contextvars(job_id=str(result.job_id))
-        try:
-            async with transaction(self.sessionmaker) as session:
-                if result.status == "done":
-                    first = await service.mark_used(session, result.job_id, result.serial)
-                    log.info("serial_used", serial=result.serial, first_time=first)
-                else:
-                    released = await service.release_serial(session, result.job_id)
-                    log.info("serial_released", serial=released)
-        except MeteraiError as exc:
-            # Inconsistent with what inventory knows: keep going, but loudly (reconcile finds it).
-            log.error("stamping_result_rejected", serial=result.serial, error=exc.detail)
-        finally:
-            structlog.contextvars.unbind_contextvars("job_id")
+    async def __call__(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        done: list[tuple[uuid.UUID, str]] = []
+        failed: list[StampingResult] = []
+        for record in records:
+            try:
+                result = StampingResult.model_validate_json(record.value or b"")
+            except ValidationError as exc:
+                # A malformed message will never parse; skipping it must not block the partition.
+                log.error("bad_stamping_result", offset=record.offset, error=str(exc))
+                continue
+            if result.status == "done":
+                done.append((result.job_id, result.serial))
+            else:
+                failed.append(result)
+        async with transaction(self.sessionmaker) as session:
+            counts = await service.mark_used_batch(session, done)
+            for result in failed:
+                released = await service.release_serial(session, result.job_id)
+                log.info("serial_released", serial=released, job_id=str(result.job_id))
+        if done:
+            log.info("serials_used", **counts)

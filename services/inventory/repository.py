@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import func, insert, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -73,26 +74,29 @@ def money_move(source: str, target: str, amount: int) -> list[Leg]:
 
 async def add_ledger_txn(session: AsyncSession, memo: str, legs: Sequence[Leg]) -> uuid.UUID:
     """Record one movement; per unit, its legs must sum to zero (one INSERT round trip)."""
+    txn_id, rows = _ledger_rows(memo, legs)
+    await session.execute(insert(LedgerEntry).values(rows))
+    return txn_id
+
+
+def _ledger_rows(memo: str, legs: Sequence[Leg]) -> tuple[uuid.UUID, list[dict[str, Any]]]:
+    """The entries of one movement under a new `txn_id`, once its legs are seen to balance."""
     for unit in {leg.unit for leg in legs}:
         if sum(leg.amount for leg in legs if leg.unit == unit) != 0:
             raise ValueError(f"ledger legs in {unit} must balance")
     txn_id = new_id()
-    await session.execute(
-        insert(LedgerEntry).values(
-            [
-                {
-                    "txn_id": txn_id,
-                    "account": leg.account,
-                    "unit": leg.unit.value,
-                    "amount": leg.amount,
-                    "memo": memo,
-                }
-                for leg in legs
-                if leg.amount
-            ]
-        )
-    )
-    return txn_id
+    rows = [
+        {
+            "txn_id": txn_id,
+            "account": leg.account,
+            "unit": leg.unit.value,
+            "amount": leg.amount,
+            "memo": memo,
+        }
+        for leg in legs
+        if leg.amount
+    ]
+    return txn_id, rows
 
 
 async def distributor_by_key_hash(session: AsyncSession, key_hash: str) -> Distributor | None:
@@ -201,6 +205,43 @@ async def serial_of_job(session: AsyncSession, job_id: uuid.UUID) -> Serial | No
     return (
         await session.execute(select(Serial).where(Serial.job_id == job_id).with_for_update())
     ).scalar_one_or_none()
+
+
+async def use_claimed_serials(
+    session: AsyncSession, jobs: Sequence[tuple[uuid.UUID, str]]
+) -> list[tuple[str, str, uuid.UUID]]:
+    """Mark `used` each (job, serial) whose serial is sold and unclaimed or claimed by that job,
+    in one statement (rows locked in serial order); (serial, owner, job) of those it marked."""
+    if not jobs:
+        return []
+    rows = await session.execute(
+        text(
+            """
+            WITH done AS (
+                SELECT * FROM unnest(CAST(:job_ids AS uuid[]), CAST(:serials AS varchar[]))
+                    AS done(job_id, serial)
+            ), locked AS (
+                SELECT s.serial, done.job_id FROM serials s JOIN done ON done.serial = s.serial
+                WHERE s.state = 'sold' AND (s.job_id IS NULL OR s.job_id = done.job_id)
+                ORDER BY s.serial
+                FOR UPDATE OF s
+            )
+            UPDATE serials s SET state = 'used', job_id = locked.job_id, used_at = now()
+            FROM locked
+            WHERE s.serial = locked.serial
+            RETURNING s.serial, s.owner, s.job_id
+            """
+        ),
+        {"job_ids": [job_id for job_id, _ in jobs], "serials": [serial for _, serial in jobs]},
+    )
+    return [(row.serial, row.owner, row.job_id) for row in rows]
+
+
+async def add_ledger_txns(session: AsyncSession, txns: Sequence[tuple[str, Sequence[Leg]]]) -> None:
+    """Record several movements (memo, legs) in one INSERT, each its own balanced `txn_id`."""
+    rows = [row for memo, legs in txns for row in _ledger_rows(memo, legs)[1]]
+    if rows:
+        await session.execute(insert(LedgerEntry).values(rows))
 
 
 @dataclass(frozen=True)

@@ -503,6 +503,40 @@ async def mark_used(session: AsyncSession, job_id: uuid.UUID, serial: str) -> bo
     return True
 
 
+async def mark_used_batch(
+    session: AsyncSession, jobs: Sequence[tuple[uuid.UUID, str]]
+) -> dict[str, int]:
+    """`mark_used` for many (job, serial) at once: one statement marks and one INSERT records
+    the serials whose claim is in order; the rest (a redelivery, a conflict) go one by one.
+    Counts by outcome: `used`, `already_used`, `conflict`."""
+    jobs = list(dict.fromkeys(jobs))
+    marked = await repo.use_claimed_serials(session, jobs)
+    await repo.add_ledger_txns(
+        session,
+        [
+            (
+                f"serial {serial} affixed by job {job_id}",
+                repo.stamp_move(repo.owned_stamps_account(owner), repo.STAMPS_USED, 1),
+            )
+            for serial, owner, job_id in marked
+        ],
+    )
+    counts = {"used": len(marked), "already_used": 0, "conflict": 0}
+    done = {(job_id, serial) for serial, _, job_id in marked}
+    for job_id, serial in jobs:
+        if (job_id, serial) in done:
+            continue
+        try:
+            first = await mark_used(session, job_id, serial)
+        except MeteraiError as exc:
+            # Inconsistent with what inventory knows: keep going, but loudly (reconcile finds it).
+            log.error("stamping_result_rejected", serial=serial, error=exc.detail)
+            counts["conflict"] += 1
+            continue
+        counts["used" if first else "already_used"] += 1
+    return counts
+
+
 async def rotate_api_key(session: AsyncSession, name: str, *, overlap: timedelta) -> str:
     """A new key for distributor `name`; its current keys keep working for `overlap` more."""
     distributor = await repo.distributor_by_name(session, name)

@@ -5,7 +5,7 @@ commits only after processing (at-least-once; handlers must be idempotent).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +32,9 @@ CONSUMER_LAG = Gauge(
 )
 
 MessageHandler = Callable[[ConsumerRecord[bytes, bytes]], Awaitable[None]]
+# Takes a whole fetch (every partition's records, in offset order per partition) and returns
+# once all of them are applied; raising means none is to be counted done.
+BatchHandler = Callable[[list[ConsumerRecord[bytes, bytes]]], Coroutine[Any, Any, None]]
 
 
 @dataclass(frozen=True)
@@ -158,7 +161,9 @@ class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 class ConsumerLoop:
-    """Fetch batches, process each message (at most `concurrency` at once), then commit.
+    """Fetch batches, process each message (at most `concurrency` at once), then commit. With
+    a `batch_handler` instead of a `handler`, each fetch is handed over whole (one database
+    transaction for the lot, say), and it is retried whole if the handler raises.
 
     Offsets are committed only for messages whose handler returned, so a crash at any point
     leads to redelivery, never to loss. `request_stop()` stops fetching and starting messages
@@ -173,7 +178,8 @@ class ConsumerLoop:
         topics: Sequence[str],
         group_id: str,
         client_id: str,
-        handler: MessageHandler,
+        handler: MessageHandler | None = None,
+        batch_handler: BatchHandler | None = None,
         concurrency: int = 1,
         max_batch: int = 16,
         grace_seconds: float = 20.0,
@@ -181,8 +187,11 @@ class ConsumerLoop:
         close_timeout: float = 0.5,
         consumer_options: dict[str, Any] | None = None,
     ) -> None:
+        if (handler is None) == (batch_handler is None):
+            raise ValueError("give either a handler or a batch handler")
         self.topics = list(topics)
         self.handler = handler
+        self.batch_handler = batch_handler
         self.concurrency = concurrency
         self.max_batch = max_batch
         self.grace_seconds = grace_seconds
@@ -323,6 +332,8 @@ class ConsumerLoop:
     ) -> bool:
         """Handle a batch fetched under assignment number `assignment`; returns True when some
         message must be fetched again."""
+        if self.batch_handler is not None:
+            return await self._process_whole(batches, stopping, assignment, self.batch_handler)
         tasks = {
             asyncio.create_task(self._handle(record, assignment)): record
             for batch in batches.values()
@@ -365,6 +376,45 @@ class ConsumerLoop:
                 self._position[tp] = offset
         return bool(first_failed)
 
+    async def _process_whole(
+        self,
+        batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
+        stopping: asyncio.Future[Any],
+        assignment: int,
+        handler: BatchHandler,
+    ) -> bool:
+        """`_process` for a batch handler: the fetch is done as a whole, or not at all."""
+        batches = {tp: records for tp, records in batches.items() if records}
+        task = asyncio.create_task(
+            handler([record for records in batches.values() for record in records])
+        )
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            await asyncio.wait({task}, timeout=self.grace_seconds)
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        failed = task.cancelled() or task.exception() is not None
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "message_batch_failed",
+                topics=self.topics,
+                messages=sum(len(records) for records in batches.values()),
+                error=repr(task.exception()),
+            )
+        if assignment != self._assignment:
+            return False  # reassigned meanwhile: the new owners start from committed offsets
+        for tp, records in batches.items():
+            if not failed:
+                self._processed[tp] = max(self._processed.get(tp, -1), records[-1].offset + 1)
+                continue
+            # Fetch the whole batch again (what was applied of it is applied again, harmlessly).
+            self._processed[tp] = records[0].offset
+            if tp in self.consumer.assignment():
+                self.consumer.seek(tp, records[0].offset)
+                self._position[tp] = records[0].offset
+        return failed
+
     async def _handle(self, record: ConsumerRecord[bytes, bytes], assignment: int) -> bool:
         """Handle one message; False if stopping began before its turn came (it is left
         uncommitted, for the partition's next owner)."""
@@ -373,6 +423,7 @@ class ConsumerLoop:
                 return False
             # The handler owns retries and failure bookkeeping for bad messages; an exception
             # escaping it is an outage (database, storage) and the message must be retried.
+            assert self.handler is not None  # noqa: S101 - the one-by-one mode has one
             await self.handler(record)
         if assignment == self._assignment:
             tp = TopicPartition(record.topic, record.partition)

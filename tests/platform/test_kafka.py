@@ -352,3 +352,63 @@ async def test_stopping_finishes_what_runs_and_leaves_what_has_not_started(
     assert await committed(bootstrap, group, [partition]) == [1]
     remaining = await read_as_group(bootstrap, group, [partition])
     assert [record.value for record in remaining] == [f"m{index}".encode() for index in range(1, 6)]
+
+
+async def test_a_batch_handler_gets_whole_fetches_and_a_failed_one_is_fetched_again_whole(
+    bootstrap: str,
+) -> None:
+    topic, group = unique("batches"), unique("group")
+    partition = TopicPartition(topic, 0)
+    await ensure_topics(bootstrap, [TopicSpec(topic, 1)])
+    await produce(bootstrap, topic, [(0, f"m{index}".encode()) for index in range(6)])
+    calls: list[list[bytes]] = []
+    committed_when_retried: list[int] = []
+
+    async def handler(records: list[Record]) -> None:
+        values = [record.value or b"" for record in records]
+        calls.append(values)
+        if len(calls) == 1:
+            raise ConnectionError("database unavailable")  # nothing of it counts as done
+        if len(calls) == 2:
+            committed_when_retried.extend(await committed(bootstrap, group, [partition]))
+
+    loop = ConsumerLoop(
+        bootstrap_servers=bootstrap,
+        topics=[topic],
+        group_id=group,
+        client_id=unique("client"),
+        batch_handler=handler,
+        max_batch=6,
+        retry_backoff_seconds=0.1,
+    )
+    async with Running(loop) as running:
+
+        async def all_done() -> bool:
+            return sum(len(values) for values in calls[1:]) >= 6
+
+        await wait_for(all_done, within=30, interval=0.05)
+        assert running.task is not None and not running.task.done()
+    everything = [f"m{index}".encode() for index in range(6)]
+    # The first fetch failed whole and came back whole (from its first message), in order.
+    assert calls[1] == calls[0] and calls[0] == everything[: len(calls[0])]
+    assert [value for values in calls[1:] for value in values] == everything
+    assert committed_when_retried == [0]  # nothing of the failed fetch committed
+    assert await committed(bootstrap, group, [partition]) == [6]
+
+
+def test_a_consumer_loop_takes_one_kind_of_handler() -> None:
+    async def one(record: Record) -> None:
+        return None
+
+    async def many(records: list[Record]) -> None:
+        return None
+
+    for handlers in ({}, {"handler": one, "batch_handler": many}):
+        with pytest.raises(ValueError, match="either a handler or a batch handler"):
+            ConsumerLoop(
+                bootstrap_servers="127.0.0.1:1",
+                topics=["t"],
+                group_id="g",
+                client_id="c",
+                **handlers,  # type: ignore[arg-type]
+            )
