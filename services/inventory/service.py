@@ -494,13 +494,15 @@ async def mark_used(session: AsyncSession, job_id: uuid.UUID, serial: str) -> bo
     row.state = SerialState.used
     row.used_at = datetime.now(UTC)
     assert row.owner is not None  # noqa: S101 - sold serials have owners
-    await repo.add_ledger_txn(
-        session,
-        f"serial {serial} affixed by job {job_id}",
-        repo.stamp_move(repo.owned_stamps_account(row.owner), repo.STAMPS_USED, 1),
-    )
+    await repo.add_ledger_txn(session, *_affixed(serial, row.owner, job_id))
     await session.flush()
     return True
+
+
+def _affixed(serial: str, owner: str, job_id: uuid.UUID) -> tuple[str, list[repo.Leg]]:
+    """The ledger movement of a stamp affixed: out of its owner's unused stamps."""
+    memo = f"serial {serial} affixed by job {job_id}"
+    return memo, repo.stamp_move(repo.owned_stamps_account(owner), repo.STAMPS_USED, 1)
 
 
 async def mark_used_batch(
@@ -512,14 +514,7 @@ async def mark_used_batch(
     jobs = list(dict.fromkeys(jobs))
     marked = await repo.use_claimed_serials(session, jobs)
     await repo.add_ledger_txns(
-        session,
-        [
-            (
-                f"serial {serial} affixed by job {job_id}",
-                repo.stamp_move(repo.owned_stamps_account(owner), repo.STAMPS_USED, 1),
-            )
-            for serial, owner, job_id in marked
-        ],
+        session, [_affixed(serial, owner, job_id) for serial, owner, job_id in marked]
     )
     counts = {"used": len(marked), "already_used": 0, "conflict": 0}
     done = {(job_id, serial) for serial, _, job_id in marked}

@@ -30,6 +30,7 @@ from services.stamping.inventory_client import InventoryClient
 from services.stamping.outcomes import internal as outcomes_internal
 from services.stamping.relay import OutboxRelay
 from services.stamping.router import router
+from services.stamping.service import GiveBacks
 from services.stamping.verification import StampVerifier, load_trust_roots
 from services.stamping.verify_router import VerificationGate
 from services.stamping.verify_router import router as verify_router
@@ -88,11 +89,12 @@ def create_app(settings: StampingSettings | None = None) -> FastAPI:
         app.state.sessionmaker = sessionmaker = create_sessionmaker(engine)
         app.state.blobs = blobs = blob_store_from_url(settings.blob_store_url)
         http = create_http_client(settings.inventory_url)
-        app.state.inventory = InventoryClient(
+        app.state.inventory = inventory = InventoryClient(
             ServiceClient(
                 http, app.state.principal_codec, Principal(PrincipalKind.service, "stamping")
             )
         )
+        app.state.give_backs = give_backs = GiveBacks(sessionmaker, inventory)
         producer = create_producer(settings.kafka_bootstrap_servers, client_id="stamping-relay")
         await producer.start()
         app.state.relay = relay = OutboxRelay(
@@ -151,6 +153,7 @@ def create_app(settings: StampingSettings | None = None) -> FastAPI:
                 await asyncio.wait_for(callbacks_task, timeout=callbacks.grace_seconds + 5)
             await callback_http.aclose()
             await producer.stop()
+            await give_backs.close()
             await http.aclose()
             await engine.dispose()
 

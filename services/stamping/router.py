@@ -245,6 +245,7 @@ async def create_stamping(
         sessionmaker=state.sessionmaker,
         blobs=state.blobs,
         inventory=state.inventory,
+        give_backs=state.give_backs,
         principal=principal,
         order=order,
         idempotency_key=idempotency_key,

@@ -12,10 +12,11 @@ from typing import Any
 import structlog
 from sqlalchemy import func
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from services.platform.blobs import BlobStore
 from services.platform.db import transaction
-from services.platform.errors import MeteraiError
+from services.platform.errors import MeteraiError, ServiceUnavailable
 from services.platform.idempotency import IdempotencyStore, StoredResponse, request_fingerprint
 from services.platform.identity import Principal
 from services.platform.ids import new_id
@@ -81,6 +82,7 @@ async def accept(
     sessionmaker: async_sessionmaker[AsyncSession],
     blobs: BlobStore,
     inventory: InventoryClient,
+    give_backs: GiveBacks,
     principal: Principal,
     order: StampingOrder,
     idempotency_key: str | None,
@@ -178,8 +180,8 @@ async def accept(
         log.info("stamping_accepted", job_id=str(job_id), serial=serial, bytes=len(order.document))
         return Accepted(job=job, replay=None)
     except BaseException:
-        if claim_asked and not (committing and await _recorded(sessionmaker, job_id)):
-            await _give_back(inventory, job_id, attempt)
+        if claim_asked:
+            await give_backs.give_back(job_id, attempt, commit_unknown=committing)
         raise
 
 
@@ -207,25 +209,79 @@ async def _replay_job(
     return Accepted(job=None, replay=StoredResponse(status_code=202, body=body))
 
 
-async def _recorded(sessionmaker: async_sessionmaker[AsyncSession], job_id: uuid.UUID) -> bool:
-    """Whether the job was stored after all (a commit can succeed and its answer be lost);
-    when that cannot be told, as if it were: its claim must not be given back while the job
-    may run, and inventory asks about claims that stay open (see `inventory.claims`)."""
-    try:
-        async with sessionmaker() as session:
-            return await session.get(StampingJob, job_id) is not None
-    except Exception as exc:  # noqa: BLE001 - the database is what just failed
-        log.warning("stamping_commit_unknown", job_id=str(job_id), error=repr(exc))
-        return True
+class _NotSettled(Exception):
+    """The give-back could not be done or decided yet (inventory or the database is away)."""
 
 
-async def _give_back(inventory: InventoryClient, job_id: uuid.UUID, attempt: uuid.UUID) -> None:
-    try:
-        await inventory.release_serial(job_id, attempt=attempt)
-    except MeteraiError as exc:
-        # The claim stays with a job that does not exist: a retry of the upload (same key)
-        # takes it over, and otherwise the orphaned claim is released after a while.
-        log.error("serial_release_failed", job_id=str(job_id), error=exc.detail)
+class GiveBacks:
+    """Gives back the serial claimed by an upload that failed after claiming it.
+
+    The first try is made before the upload's error is answered. If inventory cannot be
+    reached, or the upload failed in its commit and the database cannot say yet whether the job
+    was stored (a commit can succeed and its answer be lost: then the job runs, and its serial
+    must stay claimed), it is tried again in the background for up to `patience` seconds. A
+    claim still open after that is found by inventory's check of old claims, and a retry of the
+    upload with the same Idempotency-Key takes it over at any time (see `job_id_for`).
+    """
+
+    def __init__(
+        self,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        inventory: InventoryClient,
+        *,
+        patience: float = 60.0,
+    ) -> None:
+        self.sessionmaker = sessionmaker
+        self.inventory = inventory
+        self.patience = patience
+        self._pending: set[asyncio.Task[None]] = set()
+
+    async def give_back(
+        self, job_id: uuid.UUID, attempt: uuid.UUID, *, commit_unknown: bool
+    ) -> None:
+        try:
+            await self._try(job_id, attempt, commit_unknown)
+        except MeteraiError as exc:  # inventory refused it: nothing to try again
+            log.error("serial_release_refused", job_id=str(job_id), error=exc.detail)
+        except _NotSettled as exc:
+            log.warning("serial_release_postponed", job_id=str(job_id), error=str(exc))
+            task = asyncio.create_task(self._keep_trying(job_id, attempt, commit_unknown))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def close(self) -> None:
+        """Stop retrying (inventory's claim check settles what is left)."""
+        for task in self._pending:
+            task.cancel()
+        await asyncio.gather(*self._pending, return_exceptions=True)
+
+    async def _keep_trying(self, job_id: uuid.UUID, attempt: uuid.UUID, unknown: bool) -> None:
+        try:
+            async for trying in AsyncRetrying(
+                stop=stop_after_delay(self.patience),
+                wait=wait_exponential(multiplier=0.25, max=5),
+                retry=retry_if_exception_type(_NotSettled),
+                reraise=True,
+            ):
+                with trying:
+                    await self._try(job_id, attempt, unknown)
+        except _NotSettled as exc:
+            # The claim stays with a job that does not exist, until a retry of the upload
+            # takes it over or inventory finds it orphaned.
+            log.error("serial_release_failed", job_id=str(job_id), error=str(exc))
+
+    async def _try(self, job_id: uuid.UUID, attempt: uuid.UUID, commit_unknown: bool) -> None:
+        if commit_unknown:
+            try:
+                async with self.sessionmaker() as session:
+                    if await session.get(StampingJob, job_id) is not None:
+                        return  # committed after all: the job runs with its serial
+            except Exception as exc:
+                raise _NotSettled(f"whether the job was stored is unknown: {exc!r}") from exc
+        try:
+            await self.inventory.release_serial(job_id, attempt=attempt)
+        except ServiceUnavailable as exc:
+            raise _NotSettled(exc.detail) from exc
 
 
 def _trace_headers() -> dict[str, str]:

@@ -4,6 +4,7 @@ leaves alone the jobs that are still running."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
@@ -144,12 +145,9 @@ async def _execute(url: str, *statements: str) -> None:
         await connection.close()
 
 
-async def test_a_retried_upload_takes_over_the_claim_its_failed_attempt_could_not_give_back(
-    stack: ServiceStack,
-) -> None:
-    api_key, serial = await _one_stamp(stack)
-    # Stamping's commit fails after inventory granted the claim, and so does the give-back:
-    # the database both use restarts in between (what the surge's fault rehearsal met).
+async def _commits_and_give_backs_fail(stack: ServiceStack) -> None:
+    """Stamping's commit fails after inventory granted the claim, and so does the give-back:
+    the database both use restarts in between (what the surge's fault rehearsal met)."""
     await _execute(
         stack.stamping_db,
         _FAIL_LIKE_A_RESTART,
@@ -163,6 +161,19 @@ async def test_a_retried_upload_takes_over_the_claim_its_failed_attempt_could_no
         " WHEN (OLD.job_id IS NOT NULL AND NEW.job_id IS NULL)"
         " EXECUTE FUNCTION fail_like_a_restart()",
     )
+
+
+async def _claim(stack: ServiceStack, serial: str) -> tuple[str, uuid.UUID | None]:
+    row = await _serial(stack, serial)
+    return row["state"], row["job_id"]
+
+
+@pytest.mark.workers(0)
+async def test_a_retried_upload_takes_over_the_claim_its_failed_attempt_could_not_give_back(
+    stack: ServiceStack,
+) -> None:
+    api_key, serial = await _one_stamp(stack)
+    await _commits_and_give_backs_fail(stack)
     document = make_pdf(1)
     async with stack.client(api_key) as client:
 
@@ -180,17 +191,24 @@ async def test_a_retried_upload_takes_over_the_claim_its_failed_attempt_could_no
         left_behind = await _serial(stack, serial)
         assert left_behind["state"] == "sold" and left_behind["job_id"] is not None
 
+        # Stamping's database is back first: the retry takes the claim over. Then inventory's
+        # is, and the failed attempt's give-back, tried again meanwhile, finds the claim no
+        # longer its own: it leaves it with the job.
         await _execute(stack.stamping_db, "DROP TRIGGER restart_at_commit ON stamping_jobs")
-        await _execute(stack.inventory_db, "DROP TRIGGER restart_at_release ON serials")
         retried = await upload()
         assert retried.status_code == 202, retried.text
         job = retried.json()
         assert job["serial"] == serial
-        assert uuid.UUID(job["id"]) == left_behind["job_id"]
+        job_id = uuid.UUID(job["id"])
+        assert job_id == left_behind["job_id"]
+        await _execute(stack.inventory_db, "DROP TRIGGER restart_at_release ON serials")
+        await asyncio.sleep(3)  # the give-back's retries are 0.25, 0.5, 1, 2 s apart
+        assert await _claim(stack, serial) == ("sold", job_id)
+
+        await stack.add_worker()
 
         async def used() -> bool:
-            row = await _serial(stack, serial)
-            return (row["state"], row["job_id"]) == ("used", left_behind["job_id"])
+            return await _claim(stack, serial) == ("used", job_id)
 
         await wait_for(used, within=60)
         assert (await client.get(f"/api/v1/stampings/{job['id']}")).json()["status"] == "done"
@@ -209,6 +227,34 @@ async def test_a_retried_upload_takes_over_the_claim_its_failed_attempt_could_no
         )
         assert other.status_code == 422, other.text
         assert other.json()["code"] == "idempotency_key_reused"
+
+
+async def test_a_failed_upload_gives_its_claim_back_once_inventory_is_back(
+    stack: ServiceStack,
+) -> None:
+    api_key, serial = await _one_stamp(stack)
+    await _commits_and_give_backs_fail(stack)
+    async with stack.client(api_key) as client:
+        failed = await client.post(  # no Idempotency-Key: a retry would be another job
+            "/api/v1/stampings", files={"file": ("a.pdf", make_pdf(1), "application/pdf")}
+        )
+        assert failed.status_code == 503, failed.text
+        state, job_id = await _claim(stack, serial)
+        assert state == "sold" and job_id is not None
+        await _execute(stack.stamping_db, "DROP TRIGGER restart_at_commit ON stamping_jobs")
+        await _execute(stack.inventory_db, "DROP TRIGGER restart_at_release ON serials")
+
+        # Given back in the background (not a quarter of an hour later, when inventory would
+        # find the claim orphaned): the applicant's next upload gets the stamp.
+        async def given_back() -> bool:
+            return await _claim(stack, serial) == ("sold", None)
+
+        await wait_for(given_back, within=15)
+        again = await client.post(
+            "/api/v1/stampings", files={"file": ("a.pdf", make_pdf(1), "application/pdf")}
+        )
+        assert again.status_code == 202, again.text
+        assert again.json()["serial"] == serial
 
 
 async def test_a_late_give_back_from_an_earlier_attempt_leaves_a_retrys_claim(
