@@ -25,7 +25,8 @@ from pathlib import Path
 import httpx
 
 from services.platform.embedded import free_port_range
-from services.platform.serve import HTTP, LOOP
+
+ROOT = Path(__file__).resolve().parents[1]
 
 HELLO_APP = textwrap.dedent(
     """
@@ -36,6 +37,9 @@ HELLO_APP = textwrap.dedent(
     @app.get("/hello")
     async def hello() -> dict[str, str]:
         return {"hello": "world"}
+
+    def create_app() -> FastAPI:
+        return app
     """
 )
 
@@ -125,24 +129,19 @@ def hello_world() -> Iterator[str]:
     port = free_base_port(1)
     with tempfile.TemporaryDirectory() as scratch:
         Path(scratch, "hello_app.py").write_text(HELLO_APP)
+        # Served exactly as the services are (services.platform.serve: the same uvicorn
+        # settings, event loop, HTTP parser and garbage collection), only the app differs.
         process = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
-                "uvicorn",
-                "hello_app:app",
+                "services.platform.serve",
+                "hello_app:create_app",
                 "--port",
                 str(port),
-                # Served as the services are.
-                "--loop",
-                LOOP,
-                "--http",
-                HTTP,
-                "--no-access-log",
-                "--log-level",
-                "warning",
             ],
             cwd=scratch,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), scratch])},
         )
         try:
             url = f"http://127.0.0.1:{port}/hello"

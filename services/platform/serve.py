@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import signal
+import socket
 from types import FrameType
 
 import uvicorn
@@ -18,6 +20,15 @@ KEEP_ALIVE_SECONDS = 75
 # halve the throughput (the tests' servers and the benchmarks' floor are served the same way).
 LOOP = "uvloop"
 HTTP = "httptools"
+# CPython collects its youngest generation every 700 allocations of container objects; a
+# request allocates hundreds (headers, a pydantic model, a SQLAlchemy row...), so a busy
+# service collected several times per request, each time also walking whatever survived. Once
+# started, a service collects every GC_THRESHOLD allocations instead, and first moves what
+# startup built (modules, routes, models, pools: long-lived, hundreds of thousands of objects)
+# out of the collector's sight with `gc.freeze()`, so that older-generation collections do not
+# walk it again and again. Measured on purchases through the gateway: 3,100-3,300 purchases/s
+# with p99 of about 90 ms, then about 4,300/s with p99 of about 30 ms (docs/operations.md F4).
+GC_THRESHOLD = 10_000
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,6 +39,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument(
         "--graceful-seconds", type=float, default=10.0, help="time to finish open requests"
+    )
+    parser.add_argument(
+        "--gc-threshold",
+        type=int,
+        default=GC_THRESHOLD,
+        help="allocations between collections of the youngest generation, once started",
     )
     args = parser.parse_args(argv)
     # uvicorn raises the stop signal again once it has shut down cleanly, so that the process
@@ -48,10 +65,22 @@ def main(argv: list[str] | None = None) -> None:
         # idle connections must be the client, or a request can race the server's close.
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
     )
-    _Server(config).run()
+    _Server(config, gc_threshold=args.gc_threshold).run()
 
 
 class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, *, gc_threshold: int) -> None:
+        super().__init__(config)
+        self.gc_threshold = gc_threshold
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        # After the app's lifespan startup: what it built lives as long as the process.
+        gc.collect()
+        gc.freeze()
+        _, older, oldest = gc.get_threshold()
+        gc.set_threshold(self.gc_threshold, older, oldest)
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Loops that take work (signing workers) stop taking it now, not at lifespan shutdown.
         stop_requested()
