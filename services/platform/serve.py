@@ -22,12 +22,12 @@ LOOP = "uvloop"
 HTTP = "httptools"
 # CPython collects its youngest generation every 700 allocations of container objects; a
 # request allocates hundreds (headers, a pydantic model, a SQLAlchemy row...), so a busy
-# service collected several times per request, each time also walking whatever survived. Once
+# service collected every request or two, each time also walking whatever survived. Once
 # started, a service collects every GC_THRESHOLD allocations instead, and first moves what
 # startup built (modules, routes, models, pools: long-lived, hundreds of thousands of objects)
 # out of the collector's sight with `gc.freeze()`, so that older-generation collections do not
-# walk it again and again. Measured on purchases through the gateway: 3,100-3,300 purchases/s
-# with p99 of about 90 ms, then about 4,300/s with p99 of about 30 ms (docs/operations.md F4).
+# walk it again and again. Measured on purchases through the gateway: 3,100-3,600 purchases/s
+# with p99 of 83-99 ms before, 3,700-4,400/s with p99 of 28-34 ms after (docs/operations.md F4).
 GC_THRESHOLD = 10_000
 
 
