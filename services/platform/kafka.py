@@ -368,13 +368,17 @@ class ConsumerLoop:
         if assignment != self._assignment:
             return False  # reassigned meanwhile: the new owners start from committed offsets
         for tp, offset in first_failed.items():
-            # Commit no further than the first unfinished message and fetch it again; later
-            # messages that did finish are redelivered too, which idempotent handlers absorb.
-            self._processed[tp] = offset
-            if tp in self.consumer.assignment():
-                self.consumer.seek(tp, offset)
-                self._position[tp] = offset
+            # Later messages that did finish are redelivered too, which idempotent handlers
+            # absorb.
+            self._fetch_again(tp, offset)
         return bool(first_failed)
+
+    def _fetch_again(self, tp: TopicPartition, offset: int) -> None:
+        """Commit no further than `offset` on `tp` and fetch from it again."""
+        self._processed[tp] = offset
+        if tp in self.consumer.assignment():
+            self.consumer.seek(tp, offset)
+            self._position[tp] = offset
 
     async def _process_whole(
         self,
@@ -408,11 +412,8 @@ class ConsumerLoop:
             if not failed:
                 self._processed[tp] = max(self._processed.get(tp, -1), records[-1].offset + 1)
                 continue
-            # Fetch the whole batch again (what was applied of it is applied again, harmlessly).
-            self._processed[tp] = records[0].offset
-            if tp in self.consumer.assignment():
-                self.consumer.seek(tp, records[0].offset)
-                self._position[tp] = records[0].offset
+            # The whole batch again (what was applied of it is applied again, harmlessly).
+            self._fetch_again(tp, records[0].offset)
         return failed
 
     async def _handle(self, record: ConsumerRecord[bytes, bytes], assignment: int) -> bool:
