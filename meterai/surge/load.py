@@ -282,7 +282,10 @@ class Applicant(Person):
                 json={"reference": me.payment_reference, "amount": bought["amount"]},
             )
         )
-        if charge.get("body", {}).get("outcome") != "applied":
+        outcome = charge.get("body", {}).get("outcome")
+        # "duplicate" after retries: an earlier delivery was applied and its answer lost (the
+        # purchase's status, polled next, must then say paid).
+        if outcome != "applied" and not (outcome == "duplicate" and charge.get("attempts", 1) > 1):
             raise GaveUp(f"payment not applied: {charge}")
         purchase = bought
         while purchase.get("status") != "paid":  # the page looks every few seconds
