@@ -60,8 +60,11 @@ class PaymentAck(BaseModel):
 
 class StampCounts(BaseModel):
     reserved: int
-    sold: int = Field(description="Bought and not yet affixed.")
-    used: int
+    sold: int = Field(
+        description="Bought and not yet affixed; a stamp moves to `used` moments after its "
+        "stamping job shows `done` (the result reaches the inventory over Kafka)."
+    )
+    used: int = Field(description="Affixed to a document.")
 
 
 class BalanceOut(BaseModel):

@@ -79,6 +79,15 @@ async def test_meterai_up_runs_the_whole_stack_and_keeps_its_data(
             await wait_for(done, within=60)
             stamped = (await api.get(f"/api/v1/stampings/{job_id}/document")).content
 
+            # The inventory learns of the finished job over Kafka, moments after the job shows
+            # done: the stamp counts as used once that result is applied.
+            async def stamp_used() -> bool:
+                stamps = (await api.get("/api/v1/balance")).json()["stamps"]
+                assert stamps["used"] + stamps["sold"] == 3, stamps
+                return bool(stamps == {"reserved": 0, "sold": 2, "used": 1})
+
+            await wait_for(stamp_used, within=30)
+
         path = tmp_path / "stamped.pdf"
         path.write_bytes(stamped)
         report = pdfsig(path)
