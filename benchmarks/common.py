@@ -145,14 +145,14 @@ def hello_world() -> Iterator[str]:
         )
         try:
             url = f"http://127.0.0.1:{port}/hello"
-            _wait_ok(url, process)
+            wait_ok(url, process)
             yield url
         finally:
             process.terminate()
             process.wait(10)
 
 
-def _wait_ok(url: str, process: subprocess.Popen[bytes], within: float = 90) -> None:
+def wait_ok(url: str, process: subprocess.Popen[bytes], within: float = 90) -> None:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if process.poll() is not None:

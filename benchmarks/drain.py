@@ -1,25 +1,31 @@
 """Part two of `benchmarks.stamping`: jobs per second through the whole stack.
 
-`meterai up` with N signing workers; the workers are paused (SIGSTOP) while the jobs are
-uploaded through the gateway, then resumed, and the drain is timed from the workers' own
-counters (see :func:`drain`).
+`meterai up` without signing workers; the jobs are uploaded through the gateway, then N
+workers are started (each on a core of its own, unless asked otherwise) and the drain is timed
+from when every worker has finished a job to when 90% of the jobs are finished, by the
+finishing times the workers record in the database: nothing polls the workers meanwhile (see
+:func:`drain`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
-import signal
 import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import asyncpg
 import httpx
 import psutil
 
-from benchmarks.common import meterai_up
+from benchmarks.common import Stack, meterai_up, wait_ok
 
 
 @dataclass
@@ -30,7 +36,7 @@ class Drain:
     upload_seconds: float
     rate: float
     """Jobs finished per second from when every worker had finished one until 90% were."""
-    wall_seconds: float  # resume to last finished
+    wall_seconds: float  # workers started to last job finished
     worker_cpu_ms: float  # per job, in the signing worker processes
     other_cpu_ms: float  # per job, everything else in the stack
     outside_cores: float  # CPU used meanwhile by processes outside the stack, in cores
@@ -40,22 +46,22 @@ class Drain:
         return self.worker_cpu_ms + self.other_cpu_ms
 
 
-def _processes(up_pid: int) -> tuple[list[psutil.Process], list[psutil.Process]]:
-    """The stack's worker processes and all its other processes."""
-    children = psutil.Process(up_pid).children(recursive=True)
-    workers = [p for p in children if "services.stamping.worker:create_worker_app" in p.cmdline()]
-    return workers, [p for p in children if p not in workers]
-
-
-def _cpu_seconds(processes: list[psutil.Process]) -> float:
-    total = 0.0
+def _cpu_seconds(processes: list[psutil.Process]) -> dict[int, float]:
+    """CPU seconds used so far, by process id."""
+    used = {}
     for process in processes:
         try:
             times = process.cpu_times()
         except psutil.NoSuchProcess:
             continue
-        total += times.user + times.system
-    return total
+        used[process.pid] = times.user + times.system
+    return used
+
+
+def _cpu_since(before: dict[int, float], processes: list[psutil.Process]) -> float:
+    """CPU seconds `processes` used since `before` (all of it for those started since)."""
+    now = _cpu_seconds(processes)
+    return sum(used - before.get(pid, 0.0) for pid, used in now.items())
 
 
 def _machine_cpu_seconds() -> float:
@@ -87,33 +93,54 @@ _FINISHED = re.compile(
 )
 
 
-async def _watch(worker_urls: list[str], jobs: int, within: float) -> list[tuple[float, list[int]]]:
-    """Sample each worker's finished-jobs counter (its /metrics) until all jobs are finished:
-    (monotonic time, counts per worker)."""
-    samples: list[tuple[float, list[int]]] = []
+async def _all_workers_started(worker_urls: list[str], within: float) -> float:
+    """When (Unix time) every worker had finished a job: they have all joined the consumer
+    group. Their counters (`/metrics`) are sampled every 50 ms until then, and no longer, so
+    as not to load the workers during the drain."""
     deadline = time.monotonic() + within
     async with httpx.AsyncClient(timeout=5) as client:
-        while not samples or sum(samples[-1][1]) < jobs:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{jobs - sum(samples[-1][1])} jobs still unfinished")
-            await asyncio.sleep(0.05)
+        while time.monotonic() < deadline:
             counts = []
             for url in worker_urls:
                 metrics = (await client.get(f"{url}/metrics")).text
-                counts.append(int(sum(float(value) for value in _FINISHED.findall(metrics))))
-            samples.append((time.monotonic(), counts))
-    return samples
+                counts.append(sum(float(value) for value in _FINISHED.findall(metrics)))
+            if min(counts) > 0:
+                return time.time()
+            await asyncio.sleep(0.05)
+    raise TimeoutError("not every worker finished a job")
 
 
-def _steady_rate(samples: list[tuple[float, list[int]]], jobs: int) -> float:
-    """Jobs/s from the first sample where every worker has finished a job (the consumer
-    group has settled: after pausing, the workers rejoin it) to the one where 90% are."""
-    start = next(i for i, (_, counts) in enumerate(samples) if min(counts) > 0)
-    end = next(i for i, (_, counts) in enumerate(samples) if sum(counts) >= 0.9 * jobs)
-    if end <= start:
+async def _finish_times(database_url: str, jobs: int, within: float) -> list[float]:
+    """Wait until every job has finished (a count every 0.25 s), then return when each job was
+    finished (Unix time, as the workers recorded it), in order."""
+    deadline = time.monotonic() + within
+    connection = await asyncpg.connect(database_url)
+    try:
+        while True:
+            finished: int = await connection.fetchval(
+                "SELECT count(*) FROM stamping_jobs WHERE status IN ('done', 'failed')"
+            )
+            if finished >= jobs:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{jobs - finished} jobs still unfinished")
+            await asyncio.sleep(0.25)
+        rows = await connection.fetch(
+            "SELECT extract(epoch FROM finished_at) AS at FROM stamping_jobs"
+            " WHERE status IN ('done', 'failed') ORDER BY finished_at"
+        )
+    finally:
+        await connection.close()
+    return [float(row["at"]) for row in rows]
+
+
+def _steady_rate(finish_times: list[float], began: float) -> float:
+    """Jobs/s from `began` (every worker has finished a job) to when 90% of the jobs were."""
+    end = max(int(0.9 * len(finish_times)) - 1, 0)
+    ended = finish_times[end]
+    if ended <= began:
         raise RuntimeError("the batch was over before every worker took part: use more --jobs")
-    (began, first), (ended, last) = samples[start], samples[end]
-    return (sum(last) - sum(first)) / (ended - began)
+    return sum(1 for at in finish_times[: end + 1] if at > began) / (ended - began)
 
 
 async def _failed(database_url: str) -> int:
@@ -127,72 +154,132 @@ async def _failed(database_url: str) -> int:
         await connection.close()
 
 
-def drain(document: bytes, workers: int, jobs: int, settings: dict[str, str]) -> Drain:
-    """Upload ``jobs`` copies with the workers paused, then time how the workers drain them."""
+@contextmanager
+def _signing_workers(
+    stack: Stack, count: int, pin: bool
+) -> Iterator[list[tuple[str, psutil.Process]]]:
+    """Start `count` signing workers on the stack, as `meterai up` would (ports 10, 11, ...
+    above the gateway's, kept free by it), each pinned to a core of its own if `pin`; yields
+    their addresses and processes once they answer, and stops them afterwards."""
+    info = json.loads((stack.data_dir / "stack.json").read_text())
+    gateway_port = int(stack.gateway.rsplit(":", 1)[1])
+    cores = sorted(os.sched_getaffinity(0))
+    processes, urls = [], []
+    try:
+        for number in range(count):
+            port = gateway_port + 10 + number
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "services.platform.serve",
+                    "services.stamping.worker:create_worker_app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                ],
+                env={
+                    **stack.env,
+                    **info["env"],
+                    "METERAI_STAMPING_WORKER_ID": f"signer-{number + 1}",
+                },
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            processes.append(process)
+            if pin:
+                os.sched_setaffinity(process.pid, {cores[number % len(cores)]})
+            urls.append(f"http://127.0.0.1:{port}")
+        for url, process in zip(urls, processes, strict=True):
+            wait_ok(f"{url}/livez", process)
+        yield [(url, psutil.Process(p.pid)) for url, p in zip(urls, processes, strict=True)]
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(60)
+
+
+def drain(
+    document: bytes, workers: int, jobs: int, settings: dict[str, str], *, pin: bool = True
+) -> Drain:
+    """Upload ``jobs`` copies to a stack without signing workers, then start them and time
+    how they drain the batch.
+
+    With `pin`, each worker gets a core of its own, as a pod with a limit of one CPU would:
+    a lone worker cannot spread its threads' work (hashing, compression and file I/O run
+    outside the GIL) over the core the second worker needs, and 2 workers / 1 worker then
+    measures what the shared parts (database, broker, relay) cost, not that spread."""
     # The one distributor uploads the whole batch as fast as it can: its contract rate at the
     # gateway (200 requests/s, an upload weighing 5) would refuse most of it.
     unlimited = {
         "METERAI_GATEWAY_DISTRIBUTOR_RATE_PER_SECOND": "100000",
         "METERAI_GATEWAY_DISTRIBUTOR_BURST": "100000",
     }
-    with meterai_up(workers=workers, settings={**unlimited, **settings}) as stack:
+    with meterai_up(workers=0, settings={**unlimited, **settings}) as stack:
         info = json.loads((stack.data_dir / "stack.json").read_text())
         created = stack.meterai("distributor", "create", "bench", "--balance", str(jobs * 10_000))
         api_key = re.search(r"api key:\s+(\S+)", created).group(1)  # type: ignore[union-attr]
         stack.meterai("serials", "mint", str(jobs))
-        bought = httpx.post(
-            f"{stack.gateway}/api/v1/purchases",
-            json={"quantity": jobs},
-            headers={"Authorization": f"Bearer {api_key}"},
-            timeout=60,
-        )
-        bought.raise_for_status()
-        signing, others = _processes(info["pid"])
-        if len(signing) != workers:
-            raise RuntimeError(f"expected {workers} worker processes, found {len(signing)}")
-        # `meterai up` gives worker N the port 10 + N - 1 above the gateway's.
-        gateway_port = int(stack.gateway.rsplit(":", 1)[1])
-        worker_urls = [f"http://127.0.0.1:{gateway_port + 10 + n}" for n in range(workers)]
-        for process in signing:
-            process.send_signal(signal.SIGSTOP)
-        try:
-            began = time.monotonic()
-            asyncio.run(_upload_all(stack.gateway, api_key, document, jobs))
-            upload_seconds = time.monotonic() - began
-            time.sleep(1)  # the relay publishes the last requests
-        finally:
-            worker_cpu, other_cpu = _cpu_seconds(signing), _cpu_seconds(others)
-            machine_cpu, resumed = _machine_cpu_seconds(), time.monotonic()
-            for process in signing:
-                process.send_signal(signal.SIGCONT)
-        samples = asyncio.run(_watch(worker_urls, jobs, within=600))
-        ended = samples[-1][0]
-        worker_cpu = _cpu_seconds(signing) - worker_cpu
-        other_cpu = _cpu_seconds(others) - other_cpu
-        machine_cpu = _machine_cpu_seconds() - machine_cpu
+        for first in range(0, jobs, 1000):  # at most 1,000 stamps per purchase
+            bought = httpx.post(
+                f"{stack.gateway}/api/v1/purchases",
+                json={"quantity": min(1000, jobs - first)},
+                headers={"Authorization": f"Bearer {api_key}"},
+                timeout=60,
+            )
+            bought.raise_for_status()
+        started = time.monotonic()
+        asyncio.run(_upload_all(stack.gateway, api_key, document, jobs))
+        upload_seconds = time.monotonic() - started
+        time.sleep(1)  # the relay publishes the last requests
+        stack_process = psutil.Process(info["pid"])
+        database_url = info["env"]["METERAI_STAMPING_DATABASE_URL"]
+        with _signing_workers(stack, workers, pin) as started_workers:
+            # From here on: their imports and start-up are behind them, joining the consumer
+            # group (a few seconds) is ahead.
+            worker_urls = [url for url, _ in started_workers]
+            signing = [process for _, process in started_workers]
+            # The rest of the stack: its processes, and those it starts meanwhile (PostgreSQL
+            # backends for the workers' connections).
+            worker_cpu = _cpu_seconds(signing)
+            other_cpu = _cpu_seconds(stack_process.children(recursive=True))
+            machine_cpu, resumed, resumed_at = _machine_cpu_seconds(), time.monotonic(), time.time()
+            began = asyncio.run(_all_workers_started(worker_urls, within=120))
+            finish_times = asyncio.run(_finish_times(database_url, jobs, within=600))
+            ended = time.monotonic()
+            worker_cpu_used = _cpu_since(worker_cpu, signing)
+            other_cpu_used = _cpu_since(other_cpu, stack_process.children(recursive=True))
+            machine_cpu = _machine_cpu_seconds() - machine_cpu
         return Drain(
             workers=workers,
             jobs=jobs,
-            failed=asyncio.run(_failed(info["env"]["METERAI_STAMPING_DATABASE_URL"])),
+            failed=asyncio.run(_failed(database_url)),
             upload_seconds=upload_seconds,
-            rate=_steady_rate(samples, jobs),
-            wall_seconds=ended - resumed,
-            worker_cpu_ms=1000 * worker_cpu / jobs,
-            other_cpu_ms=1000 * other_cpu / jobs,
+            rate=_steady_rate(finish_times, began),
+            wall_seconds=finish_times[-1] - resumed_at,
+            worker_cpu_ms=1000 * worker_cpu_used / jobs,
+            other_cpu_ms=1000 * other_cpu_used / jobs,
             # This process's own polling counts as outside: a few percent of a core.
-            outside_cores=(machine_cpu - worker_cpu - other_cpu) / (ended - resumed),
+            outside_cores=(machine_cpu - worker_cpu_used - other_cpu_used) / (ended - resumed),
         )
 
 
-def stack_part(document: bytes, jobs: int, settings: dict[str, str], repeat: int) -> None:
-    print(f"\nThrough the stack: {jobs} uploads with the workers paused, then drained")
+def stack_part(
+    document: bytes, jobs: int, settings: dict[str, str], repeat: int, *, pin: bool = True
+) -> None:
+    print(
+        f"\nThrough the stack: {jobs} uploads, then drained by the workers started after them"
+        + ("; each worker on a core of its own" if pin else "")
+    )
     ratios = []
     for run in range(1, repeat + 1):
-        one, two = (drain(document, workers, jobs, settings) for workers in (1, 2))
+        one, two = (drain(document, workers, jobs, settings, pin=pin) for workers in (1, 2))
         for result in (one, two):
             print(
                 f"  {result.workers} worker{'s' if result.workers > 1 else ' '}:"
-                f" {result.rate:6.1f} jobs/s   (resume to last {result.wall_seconds:4.1f} s;"
+                f" {result.rate:6.1f} jobs/s   (start to last {result.wall_seconds:4.1f} s;"
                 f" uploads {jobs / result.upload_seconds:5.1f}/s; CPU per job: workers"
                 f" {result.worker_cpu_ms:4.1f} ms, rest of the stack {result.other_cpu_ms:3.1f} ms;"
                 f" busy outside the stack: {result.outside_cores:3.1f} cores)"
