@@ -36,7 +36,7 @@ class Drain:
     upload_seconds: float
     rate: float
     """Jobs finished per second from when every worker had finished one until 90% were."""
-    wall_seconds: float  # workers started to last job finished
+    wall_seconds: float  # workers ready to last job finished
     worker_cpu_ms: float  # per job, in the signing worker processes
     other_cpu_ms: float  # per job, everything else in the stack
     outside_cores: float  # CPU used meanwhile by processes outside the stack, in cores
@@ -237,21 +237,22 @@ def drain(
         stack_process = psutil.Process(info["pid"])
         database_url = info["env"]["METERAI_STAMPING_DATABASE_URL"]
         with _signing_workers(stack, workers, pin) as started_workers:
-            # From here on: their imports and start-up are behind them, joining the consumer
-            # group (a few seconds) is ahead.
             worker_urls = [url for url, _ in started_workers]
             signing = [process for _, process in started_workers]
-            # The rest of the stack: its processes, and those it starts meanwhile (PostgreSQL
-            # backends for the workers' connections).
+            resumed_at = time.time()
+            began = asyncio.run(_all_workers_started(worker_urls, within=120))
+            # CPU is counted from here (start-up and joining the group are behind every worker)
+            # to the end, and divided among the jobs finished meanwhile. The rest of the stack
+            # is every process of `meterai up`, PostgreSQL's backends for the workers included.
             worker_cpu = _cpu_seconds(signing)
             other_cpu = _cpu_seconds(stack_process.children(recursive=True))
-            machine_cpu, resumed, resumed_at = _machine_cpu_seconds(), time.monotonic(), time.time()
-            began = asyncio.run(_all_workers_started(worker_urls, within=120))
+            machine_cpu, counted_from = _machine_cpu_seconds(), time.monotonic()
             finish_times = asyncio.run(_finish_times(database_url, jobs, within=600))
-            ended = time.monotonic()
+            counted = time.monotonic() - counted_from
             worker_cpu_used = _cpu_since(worker_cpu, signing)
             other_cpu_used = _cpu_since(other_cpu, stack_process.children(recursive=True))
             machine_cpu = _machine_cpu_seconds() - machine_cpu
+        counted_jobs = sum(1 for at in finish_times if at > began)
         return Drain(
             workers=workers,
             jobs=jobs,
@@ -259,10 +260,10 @@ def drain(
             upload_seconds=upload_seconds,
             rate=_steady_rate(finish_times, began),
             wall_seconds=finish_times[-1] - resumed_at,
-            worker_cpu_ms=1000 * worker_cpu_used / jobs,
-            other_cpu_ms=1000 * other_cpu_used / jobs,
+            worker_cpu_ms=1000 * worker_cpu_used / counted_jobs,
+            other_cpu_ms=1000 * other_cpu_used / counted_jobs,
             # This process's own polling counts as outside: a few percent of a core.
-            outside_cores=(machine_cpu - worker_cpu_used - other_cpu_used) / (ended - resumed),
+            outside_cores=(machine_cpu - worker_cpu_used - other_cpu_used) / counted,
         )
 
 
@@ -279,7 +280,7 @@ def stack_part(
         for result in (one, two):
             print(
                 f"  {result.workers} worker{'s' if result.workers > 1 else ' '}:"
-                f" {result.rate:6.1f} jobs/s   (start to last {result.wall_seconds:4.1f} s;"
+                f" {result.rate:6.1f} jobs/s   (ready to last {result.wall_seconds:4.1f} s;"
                 f" uploads {jobs / result.upload_seconds:5.1f}/s; CPU per job: workers"
                 f" {result.worker_cpu_ms:4.1f} ms, rest of the stack {result.other_cpu_ms:3.1f} ms;"
                 f" busy outside the stack: {result.outside_cores:3.1f} cores)"
