@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from contextlib import suppress
 from pathlib import Path
 
 import asyncpg
@@ -133,6 +134,8 @@ async def _offer_three_times_the_capacity(stack: ServiceStack) -> None:
         await asyncio.gather(*arrivals)
         offered_for = time.monotonic() - begin
     watcher.cancel()
+    with suppress(asyncio.CancelledError):
+        await watcher
     rss_growth = process.memory_info().rss - rss_before
     peak_growth = max(rss_peak, process.memory_info().rss) - rss_before
 

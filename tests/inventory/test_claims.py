@@ -5,19 +5,15 @@ leaves alone the jobs that are still running."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
-from collections.abc import AsyncIterator
 
 import asyncpg
 import httpx
 import pytest
 from prometheus_client import REGISTRY
 
-from services.platform.http import ServiceClient, create_http_client
-from services.platform.identity import Principal, PrincipalCodec, PrincipalKind
-from services.stamping.inventory_client import InventoryClient
-from tests.harness import INTERNAL_SECRET, ServiceStack, wait_for
+from tests.harness import ServiceStack, wait_for
+from tests.inventory.helpers import as_stamping, serial_row
 from tests.pdfs import make_pdf
 
 # Inventory listens where stamping never publishes: every result is lost on the way.
@@ -35,18 +31,6 @@ def checked(outcome: str) -> float:
     )
 
 
-async def _serial(stack: ServiceStack, serial: str) -> asyncpg.Record:
-    connection = await asyncpg.connect(stack.inventory_db)
-    try:
-        row = await connection.fetchrow(
-            "SELECT state::text, job_id, owner FROM serials WHERE serial = $1", serial
-        )
-    finally:
-        await connection.close()
-    assert row is not None
-    return row
-
-
 async def _one_stamp(stack: ServiceStack) -> tuple[str, str]:
     """A new distributor's API key and the one serial it bought."""
     await stack.mint(1)
@@ -54,20 +38,6 @@ async def _one_stamp(stack: ServiceStack) -> tuple[str, str]:
     async with stack.client(api_key) as client:
         (serial,) = (await client.post("/api/v1/purchases", json={"quantity": 1})).json()["serials"]
     return api_key, serial
-
-
-@contextlib.asynccontextmanager
-async def _as_stamping(stack: ServiceStack) -> AsyncIterator[InventoryClient]:
-    """Inventory's internal API, called as stamping calls it."""
-    http = create_http_client(stack.servers["inventory"].url, timeout=5)
-    try:
-        yield InventoryClient(
-            ServiceClient(
-                http, PrincipalCodec(INTERNAL_SECRET), Principal(PrincipalKind.service, "stamping")
-            )
-        )
-    finally:
-        await http.aclose()
 
 
 @pytest.mark.workers(0)
@@ -90,13 +60,13 @@ async def test_a_job_whose_result_was_lost_still_uses_its_serial_once_it_is_done
             return checked("unfinished") >= before + 2
 
         await wait_for(checked_while_queued, within=30)
-        row = await _serial(stack, serial)
+        row = await serial_row(stack, serial)
         assert (row["state"], row["job_id"]) == ("sold", job_id)
 
         await stack.add_worker()
 
         async def used() -> bool:
-            row = await _serial(stack, serial)
+            row = await serial_row(stack, serial)
             return (row["state"], row["job_id"]) == ("used", job_id)
 
         await wait_for(used, within=60)
@@ -108,16 +78,16 @@ async def test_a_job_whose_result_was_lost_still_uses_its_serial_once_it_is_done
 @pytest.mark.settings(inventory={**RESULTS_LOST, "orphan_claim_after_seconds": 1.0})
 async def test_a_claim_whose_upload_never_committed_is_given_back(stack: ServiceStack) -> None:
     _, serial = await _one_stamp(stack)
-    owner = (await _serial(stack, serial))["owner"]
+    owner = (await serial_row(stack, serial))["owner"]
 
     # Stamping claims the serial for a job, then crashes before the job's row commits.
-    async with _as_stamping(stack) as inventory:
+    async with as_stamping(stack) as inventory:
         vanished = uuid.uuid4()
         assert await inventory.claim_serial(owner=owner, job_id=vanished, serial=serial) == serial
-        assert (await _serial(stack, serial))["job_id"] == vanished
+        assert (await serial_row(stack, serial))["job_id"] == vanished
 
         async def given_back() -> bool:
-            row = await _serial(stack, serial)
+            row = await serial_row(stack, serial)
             return (row["state"], row["job_id"]) == ("sold", None)
 
         await wait_for(given_back, within=30)
@@ -164,7 +134,7 @@ async def _commits_and_give_backs_fail(stack: ServiceStack) -> None:
 
 
 async def _claim(stack: ServiceStack, serial: str) -> tuple[str, uuid.UUID | None]:
-    row = await _serial(stack, serial)
+    row = await serial_row(stack, serial)
     return row["state"], row["job_id"]
 
 
@@ -188,7 +158,7 @@ async def test_a_retried_upload_takes_over_the_claim_its_failed_attempt_could_no
         assert failed.status_code == 503, failed.text
         assert failed.json()["code"] == "database_unavailable"
         assert failed.headers["retry-after"]
-        left_behind = await _serial(stack, serial)
+        left_behind = await serial_row(stack, serial)
         assert left_behind["state"] == "sold" and left_behind["job_id"] is not None
 
         # Stamping's database is back first: the retry takes the claim over. Then inventory's
@@ -261,18 +231,18 @@ async def test_a_late_give_back_from_an_earlier_attempt_leaves_a_retrys_claim(
     stack: ServiceStack,
 ) -> None:
     _, serial = await _one_stamp(stack)
-    owner = (await _serial(stack, serial))["owner"]
-    async with _as_stamping(stack) as inventory:
+    owner = (await serial_row(stack, serial))["owner"]
+    async with as_stamping(stack) as inventory:
         job, first, second = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
         assert await inventory.claim_serial(owner=owner, job_id=job, serial=None, attempt=first)
         # The first attempt failed; its retry claims for the same job before the first
         # attempt's give-back arrives.
         assert await inventory.claim_serial(owner=owner, job_id=job, serial=None, attempt=second)
         await inventory.release_serial(job, attempt=first)
-        assert (await _serial(stack, serial))["job_id"] == job
+        assert (await serial_row(stack, serial))["job_id"] == job
         await inventory.release_serial(job, attempt=second)
-        assert (await _serial(stack, serial))["job_id"] is None
+        assert (await serial_row(stack, serial))["job_id"] is None
         # A give-back naming no attempt (a job that failed) gives back whatever the job holds.
         assert await inventory.claim_serial(owner=owner, job_id=job, serial=None, attempt=first)
         await inventory.release_serial(job)
-        assert (await _serial(stack, serial))["job_id"] is None
+        assert (await serial_row(stack, serial))["job_id"] is None

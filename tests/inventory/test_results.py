@@ -13,7 +13,7 @@ from aiokafka import AIOKafkaProducer
 
 from services.inventory import service as inventory_service
 from tests.harness import ServiceStack, wait_for
-from tests.inventory.test_claims import _as_stamping, _serial
+from tests.inventory.helpers import as_stamping, serial_row
 
 
 def _result(job_id: uuid.UUID, serial: str, status: str) -> bytes:
@@ -40,9 +40,9 @@ async def test_a_batch_of_results_uses_each_serial_once_and_skips_what_cannot_ap
     async with stack.client(api_key) as client:
         bought = (await client.post("/api/v1/purchases", json={"quantity": 5})).json()["serials"]
     first, second, failed, unclaimed, late = sorted(bought)
-    owner = (await _serial(stack, first))["owner"]
+    owner = (await serial_row(stack, first))["owner"]
     jobs = {serial: uuid.uuid4() for serial in bought}
-    async with _as_stamping(stack) as inventory:
+    async with as_stamping(stack) as inventory:
         for serial in (first, second, failed, late):
             await inventory.claim_serial(owner=owner, job_id=jobs[serial], serial=serial)
     messages = [
@@ -70,7 +70,7 @@ async def test_a_batch_of_results_uses_each_serial_once_and_skips_what_cannot_ap
 
         async def applied() -> bool:
             for serial, state in expected.items():
-                row = await _serial(stack, serial)
+                row = await serial_row(stack, serial)
                 if (row["state"], row["job_id"]) != state:
                     return False
             return True
