@@ -31,7 +31,13 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.platform.app import create_service_app
 from services.platform.blobs import BlobNotFound, BlobStore, blob_store_from_url
-from services.platform.db import check_database, create_engine, create_sessionmaker, transaction
+from services.platform.db import (
+    check_database,
+    create_autocommit_sessionmaker,
+    create_engine,
+    create_sessionmaker,
+    transaction,
+)
 from services.platform.health import HealthChecks
 from services.platform.kafka import ConsumerLoop
 from services.platform.stopping import on_stop_requested
@@ -88,9 +94,11 @@ class SigningWorker:
         blobs: BlobStore,
         signer: StampSigner,
         worker_id: str,
+        single_statements: async_sessionmaker[AsyncSession] | None = None,
     ) -> None:
         self.settings = settings
         self.sessionmaker = sessionmaker
+        self.single_statements = single_statements or sessionmaker
         self.blobs = blobs
         self.signer = signer
         self.worker_id = worker_id
@@ -120,7 +128,8 @@ class SigningWorker:
     async def process(self, job_id: uuid.UUID) -> None:
         """Lease, stamp, store and record one job; a no-op if it is finished, leased or
         waiting out a backoff."""
-        async with transaction(self.sessionmaker) as session:
+        # The lease is one statement: its own transaction, without BEGIN and COMMIT round trips.
+        async with transaction(self.single_statements) as session:
             job = await repo.lease_job(session, job_id, worker_id=self.worker_id, lease=self.lease)
         if job is None:
             log.info("job_skipped", reason="finished, leased, or backing off")
@@ -296,6 +305,7 @@ def create_worker_app(settings: StampingSettings | None = None) -> FastAPI:
         worker = SigningWorker(
             settings=settings,
             sessionmaker=sessionmaker,
+            single_statements=create_autocommit_sessionmaker(engine),
             blobs=blob_store_from_url(settings.blob_store_url),
             signer=signer,
             worker_id=worker_id,
