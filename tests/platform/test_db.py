@@ -17,6 +17,7 @@ from services.platform.db import (
     SessionDep,
     async_url,
     check_database,
+    create_autocommit_sessionmaker,
     create_engine,
     create_sessionmaker,
     make_metadata,
@@ -107,6 +108,28 @@ async def test_transaction_rolls_back_on_a_database_error(
             await session.execute(notes.insert().values(text=f"{marker}-lost"))
             await session.execute(notes.insert().values(id=row_id, text=f"{marker}-dup"))
     assert await texts(sessions, marker) == [f"{marker}-kept"]
+
+
+async def test_autocommit_sessions_commit_each_statement_and_leave_the_pool_transactional(
+    engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    marker = uuid.uuid4().hex
+    single_statements = create_autocommit_sessionmaker(engine)
+    with pytest.raises(ValueError, match="half way"):
+        async with transaction(single_statements) as session:
+            await session.execute(notes.insert().values(text=f"{marker}-a"))
+            # Committed as it ran: another connection sees it while this session is open.
+            assert await texts(sessions, marker) == [f"{marker}-a"]
+            raise ValueError("half way")
+    # The failure after it undid nothing.
+    assert await texts(sessions, marker) == [f"{marker}-a"]
+    # The same pool's connections are transactional again for everyone else.
+    with pytest.raises(ValueError, match="half way"):
+        async with transaction(sessions) as session:
+            await session.execute(notes.insert().values(text=f"{marker}-b"))
+            await session.flush()
+            raise ValueError("half way")
+    assert await texts(sessions, marker) == [f"{marker}-a"]
 
 
 async def test_check_database_passes_on_a_live_server_and_fails_on_a_dead_one(
