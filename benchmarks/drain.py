@@ -110,9 +110,9 @@ async def _all_workers_started(worker_urls: list[str], within: float) -> float:
     raise TimeoutError("not every worker finished a job")
 
 
-async def _finish_times(database_url: str, jobs: int, within: float) -> list[float]:
+async def _finish_times(database_url: str, jobs: int, within: float) -> tuple[list[float], int]:
     """Wait until every job has finished (a count every 0.25 s), then return when each job was
-    finished (Unix time, as the workers recorded it), in order."""
+    finished (Unix time, as the workers recorded it), in order, and how many failed."""
     deadline = time.monotonic() + within
     connection = await asyncpg.connect(database_url)
     try:
@@ -126,12 +126,12 @@ async def _finish_times(database_url: str, jobs: int, within: float) -> list[flo
                 raise TimeoutError(f"{jobs - finished} jobs still unfinished")
             await asyncio.sleep(0.25)
         rows = await connection.fetch(
-            "SELECT extract(epoch FROM finished_at) AS at FROM stamping_jobs"
+            "SELECT extract(epoch FROM finished_at) AS at, status::text FROM stamping_jobs"
             " WHERE status IN ('done', 'failed') ORDER BY finished_at"
         )
     finally:
         await connection.close()
-    return [float(row["at"]) for row in rows]
+    return [float(row["at"]) for row in rows], sum(row["status"] == "failed" for row in rows)
 
 
 def _steady_rate(finish_times: list[float], began: float) -> float:
@@ -143,25 +143,14 @@ def _steady_rate(finish_times: list[float], began: float) -> float:
     return sum(1 for at in finish_times[: end + 1] if at > began) / (ended - began)
 
 
-async def _failed(database_url: str) -> int:
-    connection = await asyncpg.connect(database_url)
-    try:
-        count: int = await connection.fetchval(
-            "SELECT count(*) FROM stamping_jobs WHERE status = 'failed'"
-        )
-        return count
-    finally:
-        await connection.close()
-
-
 @contextmanager
 def _signing_workers(
-    stack: Stack, count: int, pin: bool
+    stack: Stack, service_env: dict[str, str], count: int, pin: bool
 ) -> Iterator[list[tuple[str, psutil.Process]]]:
     """Start `count` signing workers on the stack, as `meterai up` would (ports 10, 11, ...
     above the gateway's, kept free by it), each pinned to a core of its own if `pin`; yields
-    their addresses and processes once they answer, and stops them afterwards."""
-    info = json.loads((stack.data_dir / "stack.json").read_text())
+    their addresses and processes once they answer, and stops them afterwards. `service_env`:
+    the environment `meterai up` gives its services (its `stack.json`)."""
     gateway_port = int(stack.gateway.rsplit(":", 1)[1])
     cores = sorted(os.sched_getaffinity(0))
     processes, urls = [], []
@@ -181,7 +170,7 @@ def _signing_workers(
                 ],
                 env={
                     **stack.env,
-                    **info["env"],
+                    **service_env,
                     "METERAI_STAMPING_WORKER_ID": f"signer-{number + 1}",
                 },
                 stdout=subprocess.DEVNULL,
@@ -236,7 +225,7 @@ def drain(
         time.sleep(1)  # the relay publishes the last requests
         stack_process = psutil.Process(info["pid"])
         database_url = info["env"]["METERAI_STAMPING_DATABASE_URL"]
-        with _signing_workers(stack, workers, pin) as started_workers:
+        with _signing_workers(stack, info["env"], workers, pin) as started_workers:
             worker_urls = [url for url, _ in started_workers]
             signing = [process for _, process in started_workers]
             resumed_at = time.time()
@@ -247,7 +236,7 @@ def drain(
             worker_cpu = _cpu_seconds(signing)
             other_cpu = _cpu_seconds(stack_process.children(recursive=True))
             machine_cpu, counted_from = _machine_cpu_seconds(), time.monotonic()
-            finish_times = asyncio.run(_finish_times(database_url, jobs, within=600))
+            finish_times, failed = asyncio.run(_finish_times(database_url, jobs, within=600))
             counted = time.monotonic() - counted_from
             worker_cpu_used = _cpu_since(worker_cpu, signing)
             other_cpu_used = _cpu_since(other_cpu, stack_process.children(recursive=True))
@@ -256,7 +245,7 @@ def drain(
         return Drain(
             workers=workers,
             jobs=jobs,
-            failed=asyncio.run(_failed(database_url)),
+            failed=failed,
             upload_seconds=upload_seconds,
             rate=_steady_rate(finish_times, began),
             wall_seconds=finish_times[-1] - resumed_at,
