@@ -15,7 +15,6 @@ import os
 import re
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ import httpx
 import psutil
 
 from benchmarks.common import Stack, meterai_up, wait_ok
+from meterai.stack import signing_worker_argv
 
 
 @dataclass
@@ -158,16 +158,7 @@ def _signing_workers(
         for number in range(count):
             port = gateway_port + 10 + number
             process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "services.platform.serve",
-                    "services.stamping.worker:create_worker_app",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                ],
+                signing_worker_argv("127.0.0.1", port),
                 env={
                     **stack.env,
                     **service_env,

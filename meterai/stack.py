@@ -307,18 +307,7 @@ class Stack:
             workers.append(
                 ProcessSpec(
                     name=name,
-                    argv=[
-                        sys.executable,
-                        "-m",
-                        "services.platform.serve",
-                        "services.stamping.worker:create_worker_app",
-                        "--host",
-                        host,
-                        "--port",
-                        str(port),
-                        "--graceful-seconds",
-                        "5",
-                    ],
+                    argv=signing_worker_argv(host, port),
                     env={**env, "METERAI_STAMPING_WORKER_ID": name},
                     ready=_http_ok(f"http://{host}:{port}/livez"),
                     stop_timeout=30,
@@ -374,6 +363,22 @@ async def _replay_lost_messages(database_url: str, finished_since: datetime) -> 
         )
     finally:
         await engine.dispose()
+
+
+def signing_worker_argv(host: str, port: int) -> list[str]:
+    """The command of a signing worker serving its health and metrics on `host:port`."""
+    return [
+        sys.executable,
+        "-m",
+        "services.platform.serve",
+        "services.stamping.worker:create_worker_app",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--graceful-seconds",
+        "5",
+    ]
 
 
 def _http_ok(url: str) -> ReadyCheck:
