@@ -52,10 +52,11 @@ class CpuSnapshot:
     machine: float  # busy CPU seconds of the whole machine
 
     @classmethod
-    def take(cls, stack_pid: int, own_pid: int) -> CpuSnapshot:
-        """CPU seconds so far of the stack under `stack_pid` and of this surge's helpers."""
+    def take(cls, *roots: int) -> CpuSnapshot:
+        """CPU seconds so far of the processes under `roots` (a stack's `meterai up`, say, and
+        this surge's helpers), by part of the stack."""
         by_role: dict[str, float] = {}
-        for root in (stack_pid, own_pid):
+        for root in roots:
             try:
                 children = psutil.Process(root).children(recursive=True)
             except psutil.Error:
