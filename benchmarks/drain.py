@@ -266,7 +266,11 @@ def stack_part(
     )
     ratios = []
     for run in range(1, repeat + 1):
-        one, two = (drain(document, workers, jobs, settings, pin=pin) for workers in (1, 2))
+        # The machine's speed drifts from minute to minute (by 15% here): every other run
+        # measures 2 workers first, so that a steady drift does not favour either side.
+        order = (1, 2) if run % 2 else (2, 1)
+        results = {workers: drain(document, workers, jobs, settings, pin=pin) for workers in order}
+        one, two = results[1], results[2]
         for result in (one, two):
             print(
                 f"  {result.workers} worker{'s' if result.workers > 1 else ' '}:"
