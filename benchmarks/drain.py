@@ -49,6 +49,17 @@ class Drain:
     def total_cpu_ms(self) -> float:
         return self.worker_cpu_ms + self.other_cpu_ms
 
+    @property
+    def upload_total_cpu_ms(self) -> float:
+        return sum(self.upload_cpu_ms.values())
+
+    def allowed_rate(self, cores: int, *, with_uploads: bool = False) -> float:
+        """Jobs/s these CPU costs allow on `cores` otherwise idle cores: a worker is one process
+        (one core at most, as the GIL has it), and the rest of the stack needs its share, and
+        so do the uploads if they keep arriving while the workers sign (a live rush)."""
+        shared = self.total_cpu_ms + (self.upload_total_cpu_ms if with_uploads else 0.0)
+        return min(1000 * self.workers / self.worker_cpu_ms, 1000 * cores / shared)
+
 
 def _cpu_seconds(processes: list[psutil.Process]) -> dict[int, float]:
     """CPU seconds used so far, by process id."""
@@ -283,29 +294,19 @@ def stack_part(
             parts = sorted(result.upload_cpu_ms.items(), key=lambda part: -part[1])
             print(
                 f"            before that, {jobs / result.upload_seconds:5.1f} uploads/s, CPU per"
-                f" upload {sum(result.upload_cpu_ms.values()):4.1f} ms ("
+                f" upload {result.upload_total_cpu_ms:4.1f} ms ("
                 + ", ".join(f"{part} {ms:.1f}" for part, ms in parts if ms >= 0.05)
                 + ")"
             )
         ratios.append(two.rate / one.rate)
-        # What the CPU per job allows on otherwise idle cores: a worker is one process (one
-        # core at most, as the GIL has it), and the rest of the stack needs its share.
         cores = psutil.cpu_count() or 1
-        one_bound = min(1000 / one.worker_cpu_ms, 1000 * cores / one.total_cpu_ms)
-        two_bound = min(2000 / two.worker_cpu_ms, 1000 * cores / two.total_cpu_ms)
-        # Uploads arriving while the workers sign (a live rush) need their share too.
-        live = [
-            min(
-                1000 * result.workers / result.worker_cpu_ms,
-                1000 * cores / (result.total_cpu_ms + sum(result.upload_cpu_ms.values())),
-            )
-            for result in (one, two)
-        ]
+        one_bound, two_bound = one.allowed_rate(cores), two.allowed_rate(cores)
+        one_live, two_live = (r.allowed_rate(cores, with_uploads=True) for r in (one, two))
         print(
             f"  run {run}: 2 workers / 1 worker x{ratios[-1]:.2f} (goal >= 1.8); at these CPU"
             f" costs {cores} idle cores would allow {one_bound:.0f} and {two_bound:.0f} jobs/s,"
             f" x{two_bound / one_bound:.2f}; with the uploads arriving meanwhile"
-            f" {live[0]:.0f} and {live[1]:.0f} jobs/s"
+            f" {one_live:.0f} and {two_live:.0f} jobs/s"
         )
     if repeat > 1:
         print(f"  median 2 workers / 1 worker: x{statistics.median(ratios):.2f}")
