@@ -26,7 +26,7 @@ import psutil
 
 from benchmarks.common import Stack, meterai_up, wait_ok
 from meterai.stack import signing_worker_argv
-from meterai.surge.cpu import CpuSnapshot
+from meterai.surge.cpu import SIGNING, CpuSnapshot
 
 
 @dataclass
@@ -59,29 +59,6 @@ class Drain:
         so do the uploads if they keep arriving while the workers sign (a live rush)."""
         shared = self.total_cpu_ms + (self.upload_total_cpu_ms if with_uploads else 0.0)
         return min(1000 * self.workers / self.worker_cpu_ms, 1000 * cores / shared)
-
-
-def _cpu_seconds(processes: list[psutil.Process]) -> dict[int, float]:
-    """CPU seconds used so far, by process id."""
-    used = {}
-    for process in processes:
-        try:
-            times = process.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        used[process.pid] = times.user + times.system
-    return used
-
-
-def _cpu_since(before: dict[int, float], processes: list[psutil.Process]) -> float:
-    """CPU seconds `processes` used since `before` (all of it for those started since)."""
-    now = _cpu_seconds(processes)
-    return sum(used - before.get(pid, 0.0) for pid, used in now.items())
-
-
-def _machine_cpu_seconds() -> float:
-    times = psutil.cpu_times()
-    return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
 
 
 async def _upload_all(
@@ -161,10 +138,10 @@ def _steady_rate(finish_times: list[float], began: float) -> float:
 @contextmanager
 def _signing_workers(
     stack: Stack, service_env: dict[str, str], count: int, pin: bool
-) -> Iterator[list[tuple[str, psutil.Process]]]:
+) -> Iterator[list[str]]:
     """Start `count` signing workers on the stack, as `meterai up` would (ports 10, 11, ...
     above the gateway's, kept free by it), each pinned to a core of its own if `pin`; yields
-    their addresses and processes once they answer, and stops them afterwards. `service_env`:
+    their addresses once they answer, and stops them afterwards. `service_env`:
     the environment `meterai up` gives its services (its `stack.json`)."""
     gateway_port = int(stack.gateway.rsplit(":", 1)[1])
     cores = sorted(os.sched_getaffinity(0))
@@ -188,7 +165,7 @@ def _signing_workers(
             urls.append(f"http://127.0.0.1:{port}")
         for url, process in zip(urls, processes, strict=True):
             wait_ok(f"{url}/livez", process)
-        yield [(url, psutil.Process(p.pid)) for url, p in zip(urls, processes, strict=True)]
+        yield urls
     finally:
         for process in processes:
             process.terminate()
@@ -225,33 +202,31 @@ def drain(
                 timeout=60,
             )
             bought.raise_for_status()
-        started, cpu_before = time.monotonic(), CpuSnapshot.take(info["pid"])
+        # This process's children: `meterai up` with its services and servers (PostgreSQL's
+        # backends included), and the signing workers once started.
+        started, cpu_before = time.monotonic(), CpuSnapshot.take(os.getpid())
         asyncio.run(_upload_all(stack.gateway, api_key, document, jobs))
         upload_seconds = time.monotonic() - started
-        cpu_after = CpuSnapshot.take(info["pid"])
         upload_cpu_ms = {
-            part: 1000 * (seconds - cpu_before.by_role.get(part, 0.0)) / jobs
-            for part, seconds in cpu_after.by_role.items()
+            part: 1000 * seconds / jobs
+            for part, seconds in CpuSnapshot.take(os.getpid()).since(cpu_before).items()
         }
         time.sleep(1)  # the relay publishes the last requests
-        stack_process = psutil.Process(info["pid"])
         database_url = info["env"]["METERAI_STAMPING_DATABASE_URL"]
-        with _signing_workers(stack, info["env"], workers, pin) as started_workers:
-            worker_urls = [url for url, _ in started_workers]
-            signing = [process for _, process in started_workers]
+        with _signing_workers(stack, info["env"], workers, pin) as worker_urls:
             resumed_at = time.time()
             began = asyncio.run(_all_workers_started(worker_urls, within=120))
             # CPU is counted from here (start-up and joining the group are behind every worker)
             # to the end, and divided among the jobs finished meanwhile. The rest of the stack
             # is every process of `meterai up`, PostgreSQL's backends for the workers included.
-            worker_cpu = _cpu_seconds(signing)
-            other_cpu = _cpu_seconds(stack_process.children(recursive=True))
-            machine_cpu, counted_from = _machine_cpu_seconds(), time.monotonic()
+            cpu_before, counted_from = CpuSnapshot.take(os.getpid()), time.monotonic()
             finish_times, failed = asyncio.run(_finish_times(database_url, jobs, within=600))
             counted = time.monotonic() - counted_from
-            worker_cpu_used = _cpu_since(worker_cpu, signing)
-            other_cpu_used = _cpu_since(other_cpu, stack_process.children(recursive=True))
-            machine_cpu = _machine_cpu_seconds() - machine_cpu
+            cpu_after = CpuSnapshot.take(os.getpid())
+            used = cpu_after.since(cpu_before)
+            worker_cpu_used = used.pop(SIGNING, 0.0)
+            other_cpu_used = sum(used.values())
+            machine_cpu = cpu_after.machine - cpu_before.machine
         counted_jobs = sum(1 for at in finish_times if at > began)
         return Drain(
             workers=workers,

@@ -68,6 +68,13 @@ class CpuSnapshot:
         busy = sum(times) - times.idle - getattr(times, "iowait", 0.0)
         return cls(by_role, float(busy))
 
+    def since(self, earlier: CpuSnapshot) -> dict[str, float]:
+        """CPU seconds each part used from `earlier` to this snapshot (all of it for processes
+        started meanwhile)."""
+        return {
+            role: seconds - earlier.by_role.get(role, 0.0) for role, seconds in self.by_role.items()
+        }
+
 
 @dataclass(frozen=True)
 class CpuUse:
@@ -81,11 +88,7 @@ class CpuUse:
     def between(
         cls, before: CpuSnapshot, after: CpuSnapshot, crowd_seconds: float, wall_seconds: float
     ) -> CpuUse:
-        seconds = {
-            role: after.by_role.get(role, 0.0) - before.by_role.get(role, 0.0)
-            for role in after.by_role
-        }
-        seconds = {role: value for role, value in seconds.items() if value > 0.05}
+        seconds = {role: value for role, value in after.since(before).items() if value > 0.05}
         seconds["simulated crowd (Locust)"] = crowd_seconds
         accounted = sum(seconds.values())
         seconds["everything else on the machine"] = max(

@@ -91,14 +91,16 @@ class SigningWorker:
         *,
         settings: StampingSettings,
         sessionmaker: async_sessionmaker[AsyncSession],
+        single_statements: async_sessionmaker[AsyncSession],
         blobs: BlobStore,
         signer: StampSigner,
         worker_id: str,
-        single_statements: async_sessionmaker[AsyncSession] | None = None,
     ) -> None:
+        """`single_statements`: sessions on the same pool whose every statement commits at
+        once (`create_autocommit_sessionmaker`), for the lease."""
         self.settings = settings
         self.sessionmaker = sessionmaker
-        self.single_statements = single_statements or sessionmaker
+        self.single_statements = single_statements
         self.blobs = blobs
         self.signer = signer
         self.worker_id = worker_id
