@@ -1,12 +1,13 @@
 """Waiting-room status and join: throughput and p99 at 64 concurrent connections, next to a
 FastAPI hello-world endpoint measured in the same run.
 
-    python -m benchmarks.queue [--seconds 10] [--connections 64]
+    python -m benchmarks.queue [--seconds 10] [--connections 64] [--repeat 3]
 
-Starts `meterai up` (no signing workers, no per-address join limit: every request of wrk
-comes from one address), takes one ticket for the status runs, then runs wrk against the
-queue service itself (the goal: status at least 2x the floor, join at least the floor) and,
-for reference, through the gateway (one more HTTP hop, as applicants reach it).
+Starts the floor and `meterai up` (no signing workers, no per-address join limit: every
+request of wrk comes from one address), takes one ticket for the status runs, then runs wrk
+in rounds of floor, status and join against the queue service itself (the goal: status at
+least 2x the floor, join at least the floor; the median of the rounds' ratios) and, for
+reference, through the gateway (one more HTTP hop, as applicants reach it).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import time
 from typing import Any
 
@@ -31,15 +33,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="rounds of floor, status and join, back to back: the machine's speed drifts "
+        "between runs, so each round's ratios compare figures taken within a minute",
+    )
     args = parser.parse_args()
 
-    def run(url: str, script: str) -> WrkResult:
+    def run(url: str, script: str | None = None) -> WrkResult:
         wrk(url, connections=args.connections, seconds=2, script=script)  # warm-up
         return wrk(url, connections=args.connections, seconds=args.seconds, script=script)
-
-    with hello_world() as hello_url:
-        wrk(hello_url, connections=args.connections, seconds=2)  # warm-up
-        floor = wrk(hello_url, connections=args.connections, seconds=args.seconds)
 
     # Every request of wrk comes from one address: no per-address limits, in the room or at
     # the gateway (whose public bucket would otherwise answer most of them with 429).
@@ -49,12 +54,19 @@ def main() -> None:
         "METERAI_GATEWAY_PUBLIC_RATE_PER_SECOND": "1000000",
         "METERAI_GATEWAY_PUBLIC_BURST": "1000000",
     }
-    with meterai_up(workers=0, settings=settings) as stack:
+    rounds: list[dict[str, WrkResult]] = []
+    with hello_world() as hello_url, meterai_up(workers=0, settings=settings) as stack:
         ticket = httpx.post(f"{stack.queue}/queue/join").json()["ticket"]
         status_script = STATUS_SCRIPT % ticket
-        results = {
-            "status (queue service)": run(f"{stack.queue}/queue/status", status_script),
-            "join (queue service)": run(f"{stack.queue}/queue/join", JOIN_SCRIPT),
+        for _ in range(args.repeat):
+            rounds.append(
+                {
+                    "floor": run(hello_url),
+                    "status": run(f"{stack.queue}/queue/status", status_script),
+                    "join": run(f"{stack.queue}/queue/join", JOIN_SCRIPT),
+                }
+            )
+        through_gateway = {
             "status (through gateway)": run(f"{stack.gateway}/queue/status", status_script),
             "join (through gateway)": run(f"{stack.gateway}/queue/join", JOIN_SCRIPT),
         }
@@ -64,13 +76,31 @@ def main() -> None:
 
     print()
     print(f"Waiting room, {args.connections} connections, {args.seconds} s each")
-    print(floor.line("FastAPI hello world (floor)"))
-    for label, result in results.items():
+    ratios: dict[str, list[float]] = {"status": [], "join": []}
+    for number, results in enumerate(rounds, start=1):
+        floor = results["floor"]
+        print(f"round {number}")
+        print(floor.line("  FastAPI hello world (floor)"))
+        for name in ratios:
+            ratio = results[name].requests_per_second / floor.requests_per_second
+            ratios[name].append(ratio)
+            print(results[name].line(f"  {name} (queue service)") + f"   {ratio:5.2f}x floor")
+    floor = rounds[-1]["floor"]
+    print(
+        "For reference, through the gateway (as applicants reach the room), to the last floor:"
+    )
+    for label, result in through_gateway.items():
         ratio = result.requests_per_second / floor.requests_per_second
-        print(result.line(label) + f"   {ratio:5.2f}x floor")
-    status = results["status (queue service)"].requests_per_second / floor.requests_per_second
-    join = results["join (queue service)"].requests_per_second / floor.requests_per_second
-    print(f"goal: status >= 2x floor ({status:.2f}x), join >= 1x floor ({join:.2f}x)")
+        print(result.line(f"  {label}") + f"   {ratio:5.2f}x floor")
+    status = statistics.median(ratios["status"])
+    join = statistics.median(ratios["join"])
+    print(
+        f"goal: status >= 2x floor (median {status:.2f}x: "
+        + ", ".join(f"{r:.2f}" for r in ratios["status"])
+        + f"), join >= 1x floor (median {join:.2f}x: "
+        + ", ".join(f"{r:.2f}" for r in ratios["join"])
+        + ")"
+    )
     print()
     print("The same requests without an HTTP server (the app's own cost, in this process):")
     hello_us = costs["hello"]

@@ -86,18 +86,18 @@ def new_request_id() -> str:
     return new_hex_id()
 
 
-@dataclass(frozen=True)
+@dataclass
 class HttpMetrics:
     requests: Counter
     duration: Histogram
-    in_flight: Gauge
+    in_flight: int = 0  # exported by a gauge that reads it at scrape time (no lock per request)
 
 
 @cache
 def http_metrics(service: str) -> HttpMetrics:
     """The HTTP metrics of one service, registered once per process."""
     prefix = f"meterai_{service}_http"
-    return HttpMetrics(
+    metrics = HttpMetrics(
         requests=Counter(
             f"{prefix}_requests_total", "HTTP requests handled", ["method", "route", "status"]
         ),
@@ -107,64 +107,58 @@ def http_metrics(service: str) -> HttpMetrics:
             ["method", "route"],
             buckets=LATENCY_BUCKETS,
         ),
-        in_flight=Gauge(f"{prefix}_requests_in_flight", "HTTP requests being handled"),
     )
+    Gauge(f"{prefix}_requests_in_flight", "HTTP requests being handled").set_function(
+        lambda: metrics.in_flight
+    )
+    return metrics
 
 
-class ObservabilityMiddleware:
-    """Request id, one access-log line and Prometheus metrics per request (pure ASGI, no copies)."""
+class HttpObserver:
+    """What every request of a service gets: a request id (the caller's when well formed,
+    else a new one) bound to its log lines; the in-flight gauge; and at the end the request
+    counter, the duration histogram and one access-log line.
 
-    def __init__(self, app: ASGIApp, *, service: str) -> None:
-        self.app = app
+    Used by `ObservabilityMiddleware` and by the lean lane of `ServiceApp`, which calls
+    `begin` and `end` itself.
+    """
+
+    def __init__(self, service: str) -> None:
         self.metrics = http_metrics(service)
         self.log = structlog.get_logger("meterai.access")
         # Labelled children by (method, route, status): `labels()` costs more than the count.
         self._counted: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    def begin(self, scope: Scope, send: Send) -> ObservedSend:
+        """Start observing an HTTP request; answer it through the `send` this returns."""
         request_id = _incoming_request_id(scope) or new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
-        status = 500
-        started = time.perf_counter()
+        self.metrics.in_flight += 1
+        return ObservedSend(send, request_id)
 
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                headers = list(message.get("headers", []))
-                # A crash answered by the app's last-resort handler already carries it.
-                if not any(name == _REQUEST_ID_BYTES for name, _ in headers):
-                    headers.append((_REQUEST_ID_BYTES, request_id.encode()))
-                    message = {**message, "headers": headers}
-            await send(message)
-
-        self.metrics.in_flight.inc()
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            self.metrics.in_flight.dec()
-            elapsed = time.perf_counter() - started
-            route = _route_template(scope)
-            method = scope["method"]
-            counted = self._counted.get((method, route, status))
-            if counted is None:
-                counted = self._children(method, route, status)
-            counted[0].inc()
-            counted[1].observe(elapsed)
-            if route not in _QUIET_ROUTES and _logged(scope, route, status, elapsed):
-                self.log.info(
-                    "request",
-                    method=method,
-                    path=scope["path"],
-                    route=route,
-                    status=status,
-                    duration_ms=round(elapsed * 1000, 2),
-                )
+    def end(self, scope: Scope, sent: ObservedSend) -> None:
+        """Count and log the request (a 500 if it never answered)."""
+        self.metrics.in_flight -= 1
+        elapsed = time.perf_counter() - sent.started
+        status = 500 if sent.status is None else sent.status
+        route = _route_template(scope)
+        method = scope["method"]
+        counted = self._counted.get((method, route, status))
+        if counted is None:
+            counted = self._children(method, route, status)
+        counted[0].inc()
+        counted[1].observe(elapsed)
+        if route not in _QUIET_ROUTES and _logged(scope, route, status, elapsed):
+            self.log.info(
+                "request",
+                method=method,
+                path=scope["path"],
+                route=route,
+                status=status,
+                duration_ms=round(elapsed * 1000, 2),
+            )
 
     def _children(self, method: str, route: str, status: int) -> tuple[Any, Any]:
         children = (
@@ -174,6 +168,48 @@ class ObservabilityMiddleware:
         if len(self._counted) < _MAX_LABEL_SETS:  # methods and statuses are few, but unbounded
             self._counted[(method, route, status)] = children
         return children
+
+
+class ObservedSend:
+    """The server's `send` for one request, noting the response's status and adding the
+    request id to its headers."""
+
+    __slots__ = ("header", "send", "started", "status")
+
+    def __init__(self, send: Send, request_id: str) -> None:
+        self.send = send
+        self.header = (_REQUEST_ID_BYTES, request_id.encode())
+        self.started = time.perf_counter()
+        self.status: int | None = None  # None until the response starts
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            headers = message.get("headers", [])
+            for name, _ in headers:
+                if name == _REQUEST_ID_BYTES:
+                    break  # a crash answered by the app's last-resort handler carries it already
+            else:
+                message = {**message, "headers": [*headers, self.header]}
+        await self.send(message)
+
+
+class ObservabilityMiddleware:
+    """Request id, one access-log line and Prometheus metrics per request (pure ASGI, no copies)."""
+
+    def __init__(self, app: ASGIApp, *, service: str) -> None:
+        self.app = app
+        self.observer = HttpObserver(service)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        sent = self.observer.begin(scope, send)
+        try:
+            await self.app(scope, receive, sent)
+        finally:
+            self.observer.end(scope, sent)
 
 
 # Label sets whose children are kept at hand (the routes times the methods and statuses seen).

@@ -22,6 +22,7 @@ from services.queue.pages import pages
 from services.queue.pressure import BackendPressure
 from services.queue.room import Room, RoomConfig
 from services.queue.router import join_hot, ops, router, status_hot
+from services.queue.service import WaitingRoom
 from services.queue.tickets import ProofOfWork, TicketCodec
 
 log = structlog.get_logger(__name__)
@@ -53,7 +54,7 @@ def create_app(settings: QueueSettings | None = None) -> FastAPI:
             paused=settings.paused,
             pow_difficulty=settings.pow_difficulty,
         )
-        app.state.room = room = Room(
+        room = Room(
             redis,
             settings.event,
             defaults,
@@ -64,12 +65,16 @@ def create_app(settings: QueueSettings | None = None) -> FastAPI:
             rebuild_hold_seconds=settings.rebuild_hold_seconds,
         )
         secret = settings.admission_secret.get_secret_value()
-        app.state.ticket_codec = TicketCodec(secret, settings.event)
-        app.state.proof_of_work = ProofOfWork(secret)
-        app.state.admission_codec = AdmissionCodec(
-            secret,
-            ttl_seconds=settings.admission_ttl_seconds,
-            keep_seconds=settings.admission_keep_seconds,
+        app.state.waiting_room = WaitingRoom(
+            room,
+            settings,
+            tickets=TicketCodec(secret, settings.event),
+            admissions=AdmissionCodec(
+                secret,
+                ttl_seconds=settings.admission_ttl_seconds,
+                keep_seconds=settings.admission_keep_seconds,
+            ),
+            proof_of_work=ProofOfWork(secret),
         )
         with suppress(aioredis.RedisError, OSError):
             await room.refresh()  # readiness reports Redis if this fails

@@ -25,7 +25,7 @@ import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from services.platform.admission import ADMISSION_COOKIE, AdmissionCodec, InvalidAdmission
+from services.platform.admission import ADMISSION_COOKIE, InvalidAdmission
 from services.platform.errors import MeteraiError, NotFound, problem_body
 from services.queue import service
 from services.queue.config import QueueSettings
@@ -216,7 +216,8 @@ async def _ask_room(ask: Awaitable[service.Reply]) -> RoomAnswer:
 
 def _ticket(request: Request) -> Ticket | None:
     """The browser's ticket (the pages read the cookie only: browsers send no headers)."""
-    return service.read_ticket(request.app, request.cookies.get(_settings(request).cookie_name))
+    room = service.waiting_room_of(request.app)
+    return room.read_ticket(request.cookies.get(room.settings.cookie_name))
 
 
 def _settings(request: Request) -> QueueSettings:
@@ -299,7 +300,7 @@ async def fallback_page(
     """Where you stand, rendered on the server from the ticket cookie; the page reloads itself
     after `poll_after_seconds` (`<meta http-equiv="refresh">`)."""
     lang = language(lang)
-    answer = await _ask_room(service.status(request.app, _ticket(request)))
+    answer = await _ask_room(service.waiting_room_of(request.app).status(_ticket(request)))
     return status_page(answer, lang, first)
 
 
@@ -309,9 +310,10 @@ async def fallback_join(request: Request, lang: str | None = None) -> Response:
     replaced by a new one, at the back of the queue."""
     lang = language(lang)
     # A form sends no proof of work: when operators ask for one, the page says so.
-    hops = service.settings_of(request.app).trusted_proxy_hops
-    joining = service.join(
-        request.app, _ticket(request), client_ip=service.client_ip(request.scope, hops), proof=None
+    room = service.waiting_room_of(request.app)
+    hops = room.settings.trusted_proxy_hops
+    joining = room.join(
+        _ticket(request), client_ip=service.client_ip(request.scope, hops), proof=None
     )
     answer = await _ask_room(joining)
     if not answer.ok:
@@ -327,7 +329,7 @@ def _admitted(request: Request) -> bool:
     token = request.cookies.get(ADMISSION_COOKIE)
     if not token:
         return False
-    codec: AdmissionCodec = request.app.state.admission_codec
+    codec = service.waiting_room_of(request.app).admissions
     try:
         # Lapsed for buying, it still shows what was bought (buying then asks the room).
         codec.verify(token, event=_settings(request).event, to_buy=False)

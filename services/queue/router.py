@@ -86,7 +86,8 @@ class QueuePatch(BaseModel):
 
 async def status_hot(scope: Scope, receive: Receive, send: Send) -> None:
     """`GET /queue/status` on the lean lane (see `status`)."""
-    await _send_json(send, *await _status(scope["app"], scope))
+    room = service.waiting_room_of(scope["app"])
+    await _send_json(send, *await room.status(room.ticket_of(scope)))
 
 
 async def join_hot(scope: Scope, receive: Receive, send: Send) -> None:
@@ -94,15 +95,11 @@ async def join_hot(scope: Scope, receive: Receive, send: Send) -> None:
     await _send_json(send, *await _join(scope["app"], scope))
 
 
-async def _status(app: Any, scope: Scope) -> Reply:
-    return await service.status(app, service.ticket_of(app, scope))
-
-
 async def _join(app: Any, scope: Scope) -> Reply:
-    return await service.join(
-        app,
-        service.ticket_of(app, scope),
-        client_ip=service.client_ip(scope, service.settings_of(app).trusted_proxy_hops),
+    room = service.waiting_room_of(app)
+    return await room.join(
+        room.ticket_of(scope),
+        client_ip=service.client_ip(scope, room.settings.trusted_proxy_hops),
         proof=service.proof_of(scope),
     )
 
@@ -158,7 +155,8 @@ async def status(
 ) -> JSONResponse:
     """Position, estimated wait and when to poll again (410 `ticket_expired` if the ticket
     was not polled for too long)."""
-    return _json_response(*await _status(request.app, request.scope))
+    room = service.waiting_room_of(request.app)
+    return _json_response(*await room.status(room.ticket_of(request.scope)))
 
 
 def _json_response(body: dict[str, Any], cookies: list[str]) -> JSONResponse:
@@ -176,7 +174,7 @@ def _require_operator(kind: PrincipalKind) -> None:
 def _view(request: Request, view: RoomView) -> QueueView:
     config = view.config
     return QueueView(
-        event=service.settings_of(request.app).event,
+        event=service.waiting_room_of(request.app).settings.event,
         length=view.length,
         admitted=view.admitted_total,
         active=view.active,
@@ -196,8 +194,8 @@ def _view(request: Request, view: RoomView) -> QueueView:
 async def get_queue(request: Request, principal: CurrentPrincipal) -> QueueView:
     """Length, admitted, active sessions, rates, and the run-time settings."""
     _require_operator(principal.kind)
-    with service.room_reachable():
-        return _view(request, await service.room_of(request.app).refresh())
+    with service.room_reachable:
+        return _view(request, await service.waiting_room_of(request.app).room.refresh())
 
 
 @ops.patch("/ops/queue", response_model=QueueView, summary="Change admission")
@@ -212,7 +210,7 @@ async def patch_queue(body: QueuePatch, request: Request, principal: CurrentPrin
     }
     if changes.get("opens_at") is not None:
         changes["opens_at"] = changes["opens_at"].timestamp()
-    room = service.room_of(request.app)
-    with service.room_reachable():
+    room = service.waiting_room_of(request.app).room
+    with service.room_reachable:
         await room.update_config(**changes)
     return _view(request, room.view)

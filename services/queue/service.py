@@ -1,7 +1,7 @@
 """What the waiting room answers a ticket holder: join and status.
 
-The JSON routes (both lanes, `router.py`) and the pages without JavaScript (`pages.py`) call
-these same functions. An answer is a TicketStatus body plus the cookies to set; refusals are
+The JSON routes (both lanes, `router.py`) and the pages without JavaScript (`pages.py`) ask
+the same `WaitingRoom`. An answer is a TicketStatus body plus the cookies to set; refusals are
 raised as `MeteraiError`s. Status answers from the replica's cached view of the room, so
 waiting people cost no network I/O at all.
 """
@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from enum import StrEnum
+from types import TracebackType
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -50,18 +49,26 @@ class RoomUnavailable(ServiceUnavailable):
     title = "The waiting room is briefly unavailable"
 
 
-@contextmanager
-def room_reachable() -> Iterator[None]:
-    """The room's store (Redis) failing is a 503 with Retry-After: places are kept there, and
-    the page tries again by itself."""
-    try:
-        yield
-    except (aioredis.RedisError, OSError) as exc:
-        raise RoomUnavailable(
-            "The waiting room cannot be reached for a moment; your place is kept. "
-            "Try again shortly.",
-            retry_after=2,
-        ) from exc
+class _RoomReachable:
+    """`with room_reachable:` the room's store (Redis) failing is a 503 with Retry-After:
+    places are kept there, and the page tries again by itself. (A class, not a generator:
+    it wraps every status poll.)"""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if isinstance(exc, aioredis.RedisError | OSError):
+            raise RoomUnavailable(
+                "The waiting room cannot be reached for a moment; your place is kept. "
+                "Try again shortly.",
+                retry_after=2,
+            ) from exc
+
+
+room_reachable = _RoomReachable()
 
 
 class NoTicket(MeteraiError):
@@ -88,108 +95,149 @@ class ProofRequired(MeteraiError):
     title = "Proof of work required"
 
 
-def settings_of(app: Any) -> QueueSettings:
-    settings: QueueSettings = app.state.settings
-    return settings
+class WaitingRoom:
+    """Join and status for one event, as every caller sees them: both lanes of the JSON
+    routes and the pages without JavaScript. Built in the app's lifespan
+    (`app.state.waiting_room`), with what it needs at hand: status is the hottest call of a
+    surge, and each lookup it saves is a share of its cost."""
 
+    def __init__(
+        self,
+        room: Room,
+        settings: QueueSettings,
+        *,
+        tickets: TicketCodec,
+        admissions: AdmissionCodec,
+        proof_of_work: ProofOfWork,
+    ) -> None:
+        self.room = room
+        self.settings = settings
+        self.tickets = tickets
+        self.admissions = admissions
+        self.proof_of_work = proof_of_work
+        self._secure = "; Secure" if settings.cookie_secure else ""
 
-def room_of(app: Any) -> Room:
-    room: Room = app.state.room
-    return room
+    def read_ticket(self, token: str | None) -> Ticket | None:
+        """The ticket in `token` (a header or cookie value), or None for none or a bad one."""
+        return self.tickets.read(token) if token else None
 
+    def ticket_of(self, scope: Scope) -> Ticket | None:
+        """The caller's ticket: the `X-Queue-Ticket` header, else the ticket cookie."""
+        token = None
+        for name, value in scope["headers"]:
+            if name == _TICKET_HEADER:
+                token = value.decode("latin-1")
+                break
+            if name == b"cookie" and token is None:
+                token = cookie_parser(value.decode("latin-1")).get(self.settings.cookie_name)
+        return self.tickets.read(token) if token else None
 
-async def status(app: Any, ticket: Ticket | None) -> Reply:
-    """Where `ticket` stands: position, estimated wait, when to poll again, and once admitted
-    the admission credential (renewed on every poll while the session is active)."""
-    if ticket is None:
-        raise NoTicket("Join the queue first (POST /queue/join).")
-    with room_reachable():
-        return await _status(app, ticket)
+    async def status(self, ticket: Ticket | None) -> Reply:
+        """Where `ticket` stands: position, estimated wait, when to poll again, and once
+        admitted the admission credential (renewed on every poll while the session is
+        active)."""
+        if ticket is None:
+            raise NoTicket("Join the queue first (POST /queue/join).")
+        with room_reachable:
+            return await self._status(ticket)
 
+    async def join(self, ticket: Ticket | None, *, client_ip: str, proof: str | None) -> Reply:
+        """A place in the queue, or the status of `ticket` if it still holds one (a refresh or
+        a second tab keeps the place; an expired ticket joins again, at the back)."""
+        with room_reachable:
+            return await self._join(ticket, client_ip=client_ip, proof=proof)
 
-async def join(app: Any, ticket: Ticket | None, *, client_ip: str, proof: str | None) -> Reply:
-    """A place in the queue, or the status of `ticket` if it still holds one (a refresh or a
-    second tab keeps the place; an expired ticket joins again, at the back)."""
-    with room_reachable():
-        return await _join(app, ticket, client_ip=client_ip, proof=proof)
+    async def _join(self, ticket: Ticket | None, *, client_ip: str, proof: str | None) -> Reply:
+        cookies: list[str] = []
+        if ticket is not None:
+            try:
+                return await self._status(ticket)
+            except TicketExpired:
+                ticket = None  # the place lapsed: joining again starts at the back
+        if ticket is None:
+            room = self.room
+            difficulty = room.view.config.pow_difficulty
+            if difficulty:
+                self._require_proof(proof, difficulty)
+            joined = await room.join(Arrival(client_ip=client_ip))
+            if joined.limited:
+                window = room.join_limit_window_seconds
+                raise JoinLimited(
+                    "Too many joins from your network; wait a little.",
+                    headers={"Retry-After": str(window)},
+                )
+            if joined.number is not None:
+                token = self.tickets.issue(joined.number)
+                ticket = Ticket(number=joined.number, token=token)
+            else:
+                token = self.tickets.issue_prequeue(str(joined.prequeue_id))
+                ticket = Ticket(prequeue_id=joined.prequeue_id, token=token)
+            cookies.append(self._ticket_cookie(token))
+        body, more = await self._status(ticket)
+        return body, cookies + more
 
-
-async def _join(app: Any, ticket: Ticket | None, *, client_ip: str, proof: str | None) -> Reply:
-    cookies: list[str] = []
-    if ticket is not None:
-        try:
-            return await _status(app, ticket)
-        except TicketExpired:
-            ticket = None  # the place lapsed: joining again starts at the back
-    if ticket is None:
-        room = room_of(app)
-        difficulty = room.view.config.pow_difficulty
-        if difficulty:
-            _require_proof(app, proof, difficulty)
-        joined = await room.join(Arrival(client_ip=client_ip))
-        if joined.limited:
-            window = room.join_limit_window_seconds
-            raise JoinLimited(
-                "Too many joins from your network; wait a little.",
-                headers={"Retry-After": str(window)},
-            )
-        codec: TicketCodec = app.state.ticket_codec
-        if joined.number is not None:
-            token = codec.issue(joined.number)
-            ticket = Ticket(number=joined.number, token=token)
+    async def _status(self, ticket: Ticket) -> Reply:
+        room = self.room
+        view = room.view
+        cookies: list[str] = []
+        number = ticket.number
+        if number is None:
+            opens_at = view.config.opens_at
+            opens_in = None if opens_at is None else opens_at - time.time()
+            prequeue_token = ticket.token or self.tickets.issue_prequeue(str(ticket.prequeue_id))
+            if opens_in is not None and opens_in > 0:
+                poll = _jitter(min(MAX_POLL_SECONDS, max(1.0, opens_in / 2)))
+                body = _body(TicketState.prequeue, 0, None, poll, prequeue_token, opens_in=opens_in)
+                return body, cookies
+            number = await room.drawn_number(str(ticket.prequeue_id))
+            if number is None:  # the draw happens within a second of the opening
+                body = _body(TicketState.prequeue, 0, None, 1.0, prequeue_token, opens_in=0)
+                return body, cookies
+            token = self.tickets.issue(number)
+            cookies.append(self._ticket_cookie(token))
         else:
-            token = codec.issue_prequeue(str(joined.prequeue_id))
-            ticket = Ticket(prequeue_id=joined.prequeue_id, token=token)
-        cookies.append(_ticket_cookie(app, token))
-    body, more = await _status(app, ticket)
-    return body, cookies + more
+            token = ticket.token or self.tickets.issue(number)
+        if number > view.serving:
+            room.note_seen(number)
+            position = number - view.serving
+            if view.config.paused:
+                # Paused: a resume should reach everyone within seconds, not a whole poll cycle.
+                return _body(TicketState.paused, position, None, _jitter(5.0), token), cookies
+            eta = position / view.expected_rate_per_second()
+            poll = _jitter(min(MAX_POLL_SECONDS, max(2.0, eta / 10)))
+            return _body(TicketState.waiting, position, round(eta), poll, token), cookies
+        if not await room.is_active(number):
+            raise TicketExpired(
+                "Your place lapsed because the page stopped asking for a while; join again."
+            )
+        room.note_seen(number)  # keeps the session active
+        admissions = self.admissions
+        credential = admissions.issue(self.settings.event, number)
+        cookies.append(self._cookie(ADMISSION_COOKIE, credential, admissions.keep_seconds))
+        poll = _jitter(min(MAX_POLL_SECONDS, admissions.ttl_seconds / 3))
+        return _body(TicketState.admitted, 0, 0, poll, token, admission=credential), cookies
 
-
-async def _status(app: Any, ticket: Ticket) -> Reply:
-    room = room_of(app)
-    codec: TicketCodec = app.state.ticket_codec
-    view = room.view
-    cookies: list[str] = []
-    number = ticket.number
-    if number is None:
-        opens_at = view.config.opens_at
-        opens_in = None if opens_at is None else opens_at - time.time()
-        if opens_in is not None and opens_in > 0:
-            return _body(
-                TicketState.prequeue,
-                0,
-                None,
-                _jitter(min(MAX_POLL_SECONDS, max(1.0, opens_in / 2))),
-                ticket.token or codec.issue_prequeue(str(ticket.prequeue_id)),
-                opens_in=opens_in,
-            ), cookies
-        number = await room.drawn_number(str(ticket.prequeue_id))
-        if number is None:  # the draw happens within a second of the opening
-            token = ticket.token or codec.issue_prequeue(str(ticket.prequeue_id))
-            return _body(TicketState.prequeue, 0, None, 1.0, token, opens_in=0), cookies
-        token = codec.issue(number)
-        cookies.append(_ticket_cookie(app, token))
-    else:
-        token = ticket.token or codec.issue(number)
-    if number > view.serving:
-        room.note_seen(number)
-        position = number - view.serving
-        if view.config.paused:
-            # Paused: a resume should reach everyone within seconds, not a whole poll cycle.
-            return _body(TicketState.paused, position, None, _jitter(5.0), token), cookies
-        eta = position / view.expected_rate_per_second()
-        poll = _jitter(min(MAX_POLL_SECONDS, max(2.0, eta / 10)))
-        return _body(TicketState.waiting, position, round(eta), poll, token), cookies
-    if not await room.is_active(number):
-        raise TicketExpired(
-            "Your place lapsed because the page stopped asking for a while; join again."
+    def _require_proof(self, proof: str | None, difficulty: int) -> None:
+        pow_ = self.proof_of_work
+        if proof is not None and pow_.check(proof, difficulty):
+            return
+        raise ProofRequired(
+            f"Solve the challenge: find a nonce such that SHA-256 of '<challenge>:<nonce>' "
+            f"starts with {difficulty} zero bits, and send '<challenge>:<nonce>' as "
+            f"{PROOF_HEADER}.",
+            extra={"challenge": pow_.challenge(difficulty), "difficulty": difficulty},
         )
-    room.note_seen(number)  # keeps the session active
-    admission_codec: AdmissionCodec = app.state.admission_codec
-    credential = admission_codec.issue(settings_of(app).event, number)
-    cookies.append(_cookie(app, ADMISSION_COOKIE, credential, admission_codec.keep_seconds))
-    poll = _jitter(min(MAX_POLL_SECONDS, admission_codec.ttl_seconds / 3))
-    return _body(TicketState.admitted, 0, 0, poll, token, admission=credential), cookies
+
+    def _ticket_cookie(self, token: str) -> str:
+        return self._cookie(self.settings.cookie_name, token, 24 * 3600)
+
+    def _cookie(self, name: str, value: str, max_age: int) -> str:
+        return f"{name}={value}; Max-Age={max_age}; Path=/; HttpOnly; SameSite=Lax{self._secure}"
+
+
+def waiting_room_of(app: Any) -> WaitingRoom:
+    waiting_room: WaitingRoom = app.state.waiting_room
+    return waiting_room
 
 
 def _body(
@@ -203,7 +251,7 @@ def _body(
     opens_in: float | None = None,
 ) -> dict[str, Any]:
     return {
-        "state": state.value,
+        "state": state,  # a str; its value in JSON
         "position": position,
         "eta_seconds": eta,
         "poll_after_seconds": round(poll, 1),
@@ -216,25 +264,6 @@ def _body(
 def _jitter(seconds: float) -> float:
     # Jitter so that clients do not synchronise their polls.
     return seconds * random.uniform(0.8, 1.2)  # noqa: S311 - not for security
-
-
-def read_ticket(app: Any, token: str | None) -> Ticket | None:
-    """The ticket in `token` (a header or cookie value), or None for none or a bad one."""
-    codec: TicketCodec = app.state.ticket_codec
-    return codec.read(token) if token else None
-
-
-def ticket_of(app: Any, scope: Scope) -> Ticket | None:
-    """The caller's ticket: the `X-Queue-Ticket` header, else the ticket cookie."""
-    cookie_name = settings_of(app).cookie_name
-    token = None
-    for name, value in scope["headers"]:
-        if name == _TICKET_HEADER:
-            token = value.decode("latin-1")
-            break
-        if name == b"cookie" and token is None:
-            token = cookie_parser(value.decode("latin-1")).get(cookie_name)
-    return read_ticket(app, token)
 
 
 def proof_of(scope: Scope) -> str | None:
@@ -256,23 +285,3 @@ def client_ip(scope: Scope, trusted_hops: int = 1) -> str:
         None,
     )
     return forwarded_client(peer, forwarded, trusted_hops)
-
-
-def _require_proof(app: Any, proof: str | None, difficulty: int) -> None:
-    pow_: ProofOfWork = app.state.proof_of_work
-    if proof is not None and pow_.check(proof, difficulty):
-        return
-    raise ProofRequired(
-        f"Solve the challenge: find a nonce such that SHA-256 of '<challenge>:<nonce>' starts "
-        f"with {difficulty} zero bits, and send '<challenge>:<nonce>' as {PROOF_HEADER}.",
-        extra={"challenge": pow_.challenge(difficulty), "difficulty": difficulty},
-    )
-
-
-def _ticket_cookie(app: Any, token: str) -> str:
-    return _cookie(app, settings_of(app).cookie_name, token, 24 * 3600)
-
-
-def _cookie(app: Any, name: str, value: str, max_age: int) -> str:
-    secure = "; Secure" if settings_of(app).cookie_secure else ""
-    return f"{name}={value}; Max-Age={max_age}; Path=/; HttpOnly; SameSite=Lax{secure}"

@@ -168,7 +168,7 @@ async def test_without_javascript_the_rooms_refusals_are_explained(stack: Servic
 async def test_without_javascript_a_failing_room_still_answers_with_a_page(
     stack: ServiceStack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    room = stack.servers["queue"].app.state.room
+    room = stack.servers["queue"].app.state.waiting_room.room
 
     async def unreachable(arrival: Any) -> Any:
         raise redis.exceptions.ConnectionError("Redis is gone")
