@@ -86,9 +86,7 @@ def main() -> None:
             ratios[name].append(ratio)
             print(results[name].line(f"  {name} (queue service)") + f"   {ratio:5.2f}x floor")
     floor = rounds[-1]["floor"]
-    print(
-        "For reference, through the gateway (as applicants reach the room), to the last floor:"
-    )
+    print("For reference, through the gateway (as applicants reach the room), to the last floor:")
     for label, result in through_gateway.items():
         ratio = result.requests_per_second / floor.requests_per_second
         print(result.line(f"  {label}") + f"   {ratio:5.2f}x floor")
