@@ -38,7 +38,7 @@ from services.platform.embedded import (
 )
 from services.platform.kafka import TopicSpec, ensure_topics
 from services.platform.migrations import upgrade
-from services.platform.serve import HTTP, KEEP_ALIVE_SECONDS, PROXY_HEADERS
+from services.platform.serve import HTTP, KEEP_ALIVE_SECONDS
 from services.platform.supervisor import Supervisor
 from services.queue.app import create_app as create_queue
 from services.queue.config import QueueSettings
@@ -138,7 +138,6 @@ class Served:
                 log_config=None,
                 lifespan="on",
                 http=HTTP,  # the loop is the test's own
-                proxy_headers=PROXY_HEADERS,
                 timeout_keep_alive=KEEP_ALIVE_SECONDS,  # as services.platform.serve runs them
             )
         )

@@ -76,10 +76,6 @@ class HttpProtocol(HttpToolsProtocol):
 # halve the throughput (the tests' servers and the benchmarks' floor are served the same way).
 LOOP = "uvloop"
 HTTP = HttpProtocol
-# Not uvicorn's X-Forwarded-For rewriting: it trusts any caller on the same host, and it would
-# apply only where a proxy happens to be local. The services read the header themselves, with
-# the hops operators say they trust (`trusted_proxy_hops`).
-PROXY_HEADERS = False
 # CPython collects its youngest generation every 700 allocations of container objects; a
 # request allocates hundreds (headers, a pydantic model, a SQLAlchemy row...), so a busy
 # service collected every request or two, each time also walking whatever survived. Once
@@ -115,7 +111,6 @@ def main(argv: list[str] | None = None) -> None:
         factory=True,
         loop=LOOP,
         http=HTTP,
-        proxy_headers=PROXY_HEADERS,
         host=args.host,
         port=args.port,
         log_config=None,
