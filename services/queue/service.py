@@ -130,7 +130,7 @@ class WaitingRoom:
                 break
             if name == b"cookie" and token is None:
                 token = cookie_parser(value.decode("latin-1")).get(self.settings.cookie_name)
-        return self.tickets.read(token) if token else None
+        return self.read_ticket(token)
 
     async def status(self, ticket: Ticket | None) -> Reply:
         """Where `ticket` stands: position, estimated wait, when to poll again, and once
