@@ -4,7 +4,8 @@ lean lane for the few routes that carry a surge."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -16,6 +17,7 @@ from starlette.requests import Request
 from starlette.routing import Route, compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.platform.direct import Answer, DirectAnswer
 from services.platform.errors import install_error_handlers
 from services.platform.health import HealthChecks, health_router
 from services.platform.identity import PrincipalCodec
@@ -44,6 +46,15 @@ class HotRoute:
     regex: re.Pattern[str] | None  # None: the path has no parameters
 
 
+@dataclass(frozen=True)
+class DirectRoute:
+    """A route the server answers directly when it can (`ServiceApp.add_direct_route`)."""
+
+    method: str
+    path: str
+    answer: DirectAnswer
+
+
 class ServiceApp(FastAPI):
     """FastAPI with a lean lane in front of it.
 
@@ -58,6 +69,9 @@ class ServiceApp(FastAPI):
         super().__init__(**options)
         self._hot_static: dict[tuple[str, str], HotRoute] = {}
         self._hot_templated: list[HotRoute] = []
+        self._direct: dict[tuple[str, str], DirectRoute] = {}
+        # (method, path) of the direct routes, as the server reads them off a request.
+        self.direct_routes: frozenset[tuple[bytes, bytes]] = frozenset()
         self._observer = HttpObserver(service)
         self._edge: ASGIApp = self._dispatch
         # Route template -> share of its quick successes written to the access log.
@@ -85,6 +99,62 @@ class ServiceApp(FastAPI):
             self._hot_templated.append(HotRoute(method, path, endpoint, regex))
         else:
             self._hot_static[(method, path)] = HotRoute(method, path, endpoint, None)
+
+    def add_direct_route(self, method: str, path: str, answer: DirectAnswer) -> None:
+        """Let the server answer `method path` (a fixed path) with `answer(scope)` as soon as
+        the request's head is parsed, with no ASGI messages or response cycle (see
+        `services.platform.direct`). The request id, metrics and access log are kept.
+
+        `answer` returns an `Answer` made at once, without waiting for anything (no task at
+        all); or an awaitable of one, which the server awaits in a task of its own, and whose
+        errors become the app's problem documents as on the other lanes; or None when it
+        cannot answer now. A request `answer` returned None for, or raised on at once, goes
+        the usual way: so the path must also be served by a hot or a FastAPI route. The
+        server answers directly only requests without a body or a query string, on
+        keep-alive HTTP/1.1; the others, and every request to an app served in process
+        (tests), go the usual way.
+        """
+        if "{" in path:
+            raise ValueError(f"a direct route has a fixed path: {path}")
+        self._direct[(method, path)] = DirectRoute(method, path, answer)
+        self.direct_routes = frozenset((m.encode(), p.encode()) for m, p in self._direct)
+
+    def answer_directly(self, scope: Scope) -> Answer | Awaitable[Answer] | None:
+        """For the server: the direct route's answer to the request in `scope`, or None."""
+        route = self._direct.get((scope["method"], scope["path"]))
+        if route is None:
+            return None
+        scope["app"] = self
+        scope["route"] = route
+        started = time.perf_counter()
+        try:
+            answered = route.answer(scope)
+        except Exception:  # noqa: BLE001 - the usual lane answers it again, and reports it
+            return None
+        if answered is None:
+            return None
+        if isinstance(answered, Answer):
+            return self._observer.answered_now(scope, answered, started)
+        return self._answer_later(scope, answered)
+
+    async def _answer_later(self, scope: Scope, answering: Awaitable[Answer]) -> Answer:
+        # What `_serve_hot` does, around an answer instead of ASGI messages.
+        observed = self._observer.begin(scope, _unsent)
+        try:
+            try:
+                answer = await answering
+            except Exception as exc:  # noqa: BLE001 - every error has a handler (a 500 at last)
+                handler = self._exception_handler_for(exc)
+                if handler is None:
+                    raise
+                response = await handler(Request(scope), exc)
+                answer = Answer(response.status_code, list(response.raw_headers), response.body)
+            observed.status = answer.status
+            if all(name != observed.header[0] for name, _ in answer.headers):
+                answer.headers.append(observed.header)
+            return answer
+        finally:
+            self._observer.end(scope, observed)
 
     def _match_hot(self, scope: Scope) -> HotRoute | None:
         method, path = scope["method"], scope["path"]
@@ -201,6 +271,10 @@ class SecurityHeadersMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+async def _unsent(message: Message) -> None:
+    raise RuntimeError("a direct answer is written by the server, not sent")
 
 
 class _AsgiEndpoint:

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.platform.direct import Answer
 from services.platform.ids import new_hex_id
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -126,6 +127,8 @@ class HttpObserver:
     def __init__(self, service: str) -> None:
         self.metrics = http_metrics(service)
         self.log = structlog.get_logger("meterai.access")
+        # Asked before an access-log line is built: at WARNING it would only be dropped.
+        self._log_level_of = logging.getLogger("meterai.access")
         # Labelled children by (method, route, status): `labels()` costs more than the count.
         self._counted: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
@@ -141,8 +144,21 @@ class HttpObserver:
     def end(self, scope: Scope, sent: ObservedSend) -> None:
         """Count and log the request (a 500 if it never answered)."""
         self.metrics.in_flight -= 1
-        elapsed = time.perf_counter() - sent.started
         status = 500 if sent.status is None else sent.status
+        self._record(scope, status, time.perf_counter() - sent.started)
+
+    def answered_now(self, scope: Scope, answer: Answer, started: float) -> Answer:
+        """Observe a request answered at once, as `begin` and `end` observe the others, for
+        `ServiceApp.add_direct_route`: the answer gets the request id, and its log line carries
+        it (no context is bound: nothing else runs meanwhile)."""
+        request_id = _incoming_request_id(scope) or new_request_id()
+        answer.headers.append((_REQUEST_ID_BYTES, request_id.encode()))
+        self._record(scope, answer.status, time.perf_counter() - started, request_id)
+        return answer
+
+    def _record(
+        self, scope: Scope, status: int, elapsed: float, request_id: str | None = None
+    ) -> None:
         route = _route_template(scope)
         method = scope["method"]
         counted = self._counted.get((method, route, status))
@@ -150,7 +166,13 @@ class HttpObserver:
             counted = self._children(method, route, status)
         counted[0].inc()
         counted[1].observe(elapsed)
-        if route not in _QUIET_ROUTES and _logged(scope, route, status, elapsed):
+        if (
+            route not in _QUIET_ROUTES
+            and self._log_level_of.isEnabledFor(logging.INFO)
+            and _logged(scope, route, status, elapsed)
+        ):
+            # A request id bound to the context is the logger's already.
+            bound = {} if request_id is None else {"request_id": request_id}
             self.log.info(
                 "request",
                 method=method,
@@ -158,6 +180,7 @@ class HttpObserver:
                 route=route,
                 status=status,
                 duration_ms=round(elapsed * 1000, 2),
+                **bound,
             )
 
     def _children(self, method: str, route: str, status: int) -> tuple[Any, Any]:

@@ -10,12 +10,15 @@ import asyncio
 import gc
 import signal
 import socket
+from collections.abc import Awaitable
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from starlette.types import Scope
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from services.platform.direct import Answer, DirectAnswerer
 from services.platform.stopping import stop_requested
 
 KEEP_ALIVE_SECONDS = 75
@@ -66,10 +69,140 @@ class CoalescingTransport:
 
 
 class HttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, writing through a `CoalescingTransport`."""
+    """uvicorn's httptools protocol, writing through a `CoalescingTransport`, and answering
+    the app's direct routes itself (see `services.platform.direct`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._answerer = _direct_answerer(self.app)
+        # The message being parsed is the direct lane's, answered "now" or "later": uvicorn's
+        # callbacks skip it.
+        self._direct_message: str | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+
+    def on_headers_complete(self) -> None:
+        answerer = self._answerer
+        if (
+            answerer is not None
+            and (self.parser.get_method(), self.url) in answerer.direct_routes
+            and self._direct_ok()
+        ):
+            scope = cast("Scope", self.scope)  # uvicorn's TypedDict: an ASGI scope
+            scope["method"] = self.parser.get_method().decode("ascii")
+            scope["path"] = self.url.decode("ascii")
+            scope["raw_path"] = self.url
+            scope["query_string"] = b""
+            answer = answerer.answer_directly(scope)
+            if isinstance(answer, Answer):
+                self._direct_message = "now"
+                self.transport.write(self._response(answer))
+                return
+            if answer is not None:
+                self._direct_message = "later"
+                self._answer_later(answer)
+                return
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if self._direct_message is None:  # a direct request has no body
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        direct, self._direct_message = self._direct_message, None
+        if direct is None:
+            super().on_message_complete()
+        elif direct == "now":
+            self.on_response_complete()  # keep-alive, flow control, as after any response
+
+    def _direct_ok(self) -> bool:
+        """Whether this request may be answered directly: no body, keep-alive HTTP/1.1, and no
+        earlier request of the connection still being answered (answers keep their order)."""
+        parser = self.parser
+        if parser.get_http_version() != "1.1" or not parser.should_keep_alive():
+            return False
+        if parser.should_upgrade() or self.root_path:
+            return False
+        if self.cycle is not None and not self.cycle.response_complete:
+            return False
+        for name, value in self.headers:
+            if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
+                return False
+        return True
+
+    def _answer_later(self, answering: Awaitable[Answer]) -> None:
+        # Stands in for uvicorn's response cycle until the answer is written: requests
+        # pipelined behind it queue as they would behind any answer in progress, and
+        # uvicorn's shutdown and lost connections find what they expect.
+        pending = _Pending()
+        self.cycle = pending  # type: ignore[assignment]
+        task = self.loop.create_task(self._write_when_ready(pending, answering))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+    async def _write_when_ready(self, pending: _Pending, answering: Awaitable[Answer]) -> None:
+        try:
+            answer = await answering
+        except Exception:
+            self.logger.exception("Exception in a direct answer")
+            pending.keep_alive = False
+            answer = _crashed()
+        pending.response_complete = True
+        if pending.disconnected or self.transport.is_closing():
+            return
+        if not pending.keep_alive:
+            answer.headers.append((b"connection", b"close"))
+        self.transport.write(self._response(answer))
+        if pending.keep_alive:
+            self.on_response_complete()
+        else:
+            self.transport.close()
+
+    def _response(self, answer: Answer) -> bytes:
+        parts = [STATUS_LINE[answer.status]]
+        for name, value in (*self.server_state.default_headers, *answer.headers):
+            parts += (name, b": ", value, b"\r\n")
+        parts += (b"\r\n", answer.body)
+        return b"".join(parts)
+
+
+class _Pending:
+    """What uvicorn's protocol reads off its response cycle, for a direct answer awaited."""
+
+    __slots__ = ("disconnected", "keep_alive", "message_event", "response_complete")
+
+    def __init__(self) -> None:
+        self.response_complete = False
+        self.keep_alive = True  # uvicorn's shutdown sets it False: close once answered
+        self.disconnected = False
+        self.message_event = _NoEvent
+
+
+class _NoEvent:
+    @staticmethod
+    def set() -> None:
+        return None
+
+
+def _crashed() -> Answer:
+    """The answer to a direct answer that raised (the app's error handling was not in the
+    way: `ServiceApp` answers its errors with problem documents itself)."""
+    body = b"Internal Server Error"
+    headers = [(b"content-type", b"text/plain; charset=utf-8")]
+    return Answer(500, [*headers, (b"content-length", str(len(body)).encode())], body)
+
+
+def _direct_answerer(app: Any) -> DirectAnswerer | None:
+    """The app with direct routes inside the server's own wrappers (proxy headers), if any."""
+    for _ in range(_MAX_WRAPPERS):
+        if app is None or hasattr(app, "answer_directly"):
+            return cast("DirectAnswerer | None", app)
+        app = getattr(app, "app", None)
+    return None
+
+
+_MAX_WRAPPERS = 4
 
 
 # uvicorn's fast parts, named rather than "auto": a missing wheel must fail the start, not

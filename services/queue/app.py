@@ -21,7 +21,14 @@ from services.queue.config import QueueSettings
 from services.queue.pages import pages
 from services.queue.pressure import BackendPressure
 from services.queue.room import Room, RoomConfig
-from services.queue.router import join_hot, ops, router, status_hot
+from services.queue.router import (
+    join_direct,
+    join_hot,
+    ops,
+    router,
+    status_direct,
+    status_hot,
+)
 from services.queue.service import WaitingRoom
 from services.queue.tickets import ProofOfWork, TicketCodec
 
@@ -122,5 +129,8 @@ def create_app(settings: QueueSettings | None = None) -> FastAPI:
     )
     app.add_hot_route("POST", "/queue/join", join_hot)
     app.add_hot_route("GET", "/queue/status", status_hot)
+    # Most joins and polls are answered by the server itself; the hot routes answer the rest.
+    app.add_direct_route("POST", "/queue/join", join_direct)
+    app.add_direct_route("GET", "/queue/status", status_direct)
     app.sample_access_log("/queue/status", settings.status_access_log_sample)
     return app

@@ -11,12 +11,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-import orjson
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from starlette.types import Receive, Scope, Send
 
+from services.platform.direct import Answer, json_answer
 from services.platform.errors import MeteraiError
 from services.platform.identity import CurrentPrincipal, PrincipalKind
 from services.queue import service
@@ -104,16 +104,30 @@ async def _join(app: Any, scope: Scope) -> Reply:
     )
 
 
+def status_direct(scope: Scope) -> Answer | None:
+    """`GET /queue/status` answered by the server itself when the room's memory suffices
+    (see `ServiceApp.add_direct_route`); otherwise (no ticket, admitted, the draw) None, and
+    `status_hot` answers."""
+    room = service.waiting_room_of(scope["app"])
+    ticket = room.ticket_of(scope)
+    reply = None if ticket is None else room.status_now(ticket)
+    return None if reply is None else _json_answer(*reply)
+
+
+async def join_direct(scope: Scope) -> Answer:
+    """`POST /queue/join` answered by the server itself (see `ServiceApp.add_direct_route`):
+    the same join as `join_hot`, its errors the same problem documents."""
+    return _json_answer(*await _join(scope["app"], scope))
+
+
 async def _send_json(send: Send, body: dict[str, Any], cookies: list[str]) -> None:
-    payload = orjson.dumps(body)
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(payload)).encode()),
-        (b"cache-control", b"no-store"),
-    ]
-    headers += [(b"set-cookie", cookie.encode("latin-1")) for cookie in cookies]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})
+    answer = _json_answer(body, cookies)
+    await send({"type": "http.response.start", "status": 200, "headers": answer.headers})
+    await send({"type": "http.response.body", "body": answer.body})
+
+
+def _json_answer(body: dict[str, Any], cookies: list[str]) -> Answer:
+    return json_answer(body, [(b"set-cookie", cookie.encode("latin-1")) for cookie in cookies])
 
 
 # FastAPI routes: the same join and status (documented), and operations.

@@ -176,36 +176,54 @@ class WaitingRoom:
         body, more = await self._status(ticket)
         return body, cookies + more
 
-    async def _status(self, ticket: Ticket) -> Reply:
-        room = self.room
-        view = room.view
-        cookies: list[str] = []
+    def status_now(self, ticket: Ticket) -> Reply | None:
+        """Where `ticket` stands, when that needs nothing from the store (waiting, paused, the
+        countdown before the opening: almost every poll), else None."""
+        view = self.room.view
         number = ticket.number
         if number is None:
             opens_at = view.config.opens_at
             opens_in = None if opens_at is None else opens_at - time.time()
-            prequeue_token = ticket.token or self.tickets.issue_prequeue(str(ticket.prequeue_id))
-            if opens_in is not None and opens_in > 0:
-                poll = _jitter(min(MAX_POLL_SECONDS, max(1.0, opens_in / 2)))
-                body = _body(TicketState.prequeue, 0, None, poll, prequeue_token, opens_in=opens_in)
-                return body, cookies
+            if opens_in is None or opens_in <= 0:
+                return None  # the draw: its number is in the store
+            token = ticket.token or self.tickets.issue_prequeue(str(ticket.prequeue_id))
+            poll = _jitter(min(MAX_POLL_SECONDS, max(1.0, opens_in / 2)))
+            return _body(TicketState.prequeue, 0, None, poll, token, opens_in=opens_in), []
+        if number > view.serving:
+            return self._waiting(number, ticket.token or self.tickets.issue(number)), []
+        return None  # admitted: whether its session is still active is in the store
+
+    def _waiting(self, number: int, token: str) -> dict[str, Any]:
+        room = self.room
+        view = room.view
+        room.note_seen(number)
+        position = number - view.serving
+        if view.config.paused:
+            # Paused: a resume should reach everyone within seconds, not a whole poll cycle.
+            return _body(TicketState.paused, position, None, _jitter(5.0), token)
+        eta = position / view.expected_rate_per_second()
+        poll = _jitter(min(MAX_POLL_SECONDS, max(2.0, eta / 10)))
+        return _body(TicketState.waiting, position, round(eta), poll, token)
+
+    async def _status(self, ticket: Ticket) -> Reply:
+        now = self.status_now(ticket)
+        if now is not None:
+            return now
+        room = self.room
+        cookies: list[str] = []
+        number = ticket.number
+        if number is None:
             number = await room.drawn_number(str(ticket.prequeue_id))
             if number is None:  # the draw happens within a second of the opening
-                body = _body(TicketState.prequeue, 0, None, 1.0, prequeue_token, opens_in=0)
+                token = ticket.token or self.tickets.issue_prequeue(str(ticket.prequeue_id))
+                body = _body(TicketState.prequeue, 0, None, 1.0, token, opens_in=0)
                 return body, cookies
             token = self.tickets.issue(number)
             cookies.append(self._ticket_cookie(token))
+            if number > room.view.serving:
+                return self._waiting(number, token), cookies
         else:
             token = ticket.token or self.tickets.issue(number)
-        if number > view.serving:
-            room.note_seen(number)
-            position = number - view.serving
-            if view.config.paused:
-                # Paused: a resume should reach everyone within seconds, not a whole poll cycle.
-                return _body(TicketState.paused, position, None, _jitter(5.0), token), cookies
-            eta = position / view.expected_rate_per_second()
-            poll = _jitter(min(MAX_POLL_SECONDS, max(2.0, eta / 10)))
-            return _body(TicketState.waiting, position, round(eta), poll, token), cookies
         if not await room.is_active(number):
             raise TicketExpired(
                 "Your place lapsed because the page stopped asking for a while; join again."
