@@ -112,10 +112,14 @@ class ServiceApp(FastAPI):
         the usual way: so the path must also be served by a hot or a FastAPI route. The
         server answers directly only requests without a body or a query string, on
         keep-alive HTTP/1.1; the others, and every request to an app served in process
-        (tests), go the usual way.
+        (tests), go the usual way. No ASGI middleware wraps a direct route: neither edge
+        middleware (an app has one or the other) nor uvicorn's X-Forwarded-For rewriting
+        (``scope["client"]`` is the socket's peer; read the header with trusted hops).
         """
         if "{" in path:
             raise ValueError(f"a direct route has a fixed path: {path}")
+        if self._edge != self._dispatch:
+            raise ValueError("a direct route would skip the app's edge middleware")
         self._direct[(method, path)] = DirectRoute(method, path, answer)
         self.direct_routes = frozenset((m.encode(), p.encode()) for m, p in self._direct)
 
@@ -172,7 +176,10 @@ class ServiceApp(FastAPI):
 
     def add_edge_middleware(self, middleware: Callable[..., ASGIApp], **options: Any) -> None:
         """Wrap every request of both lanes (CORS, security headers); the last one added runs
-        first. Starlette's `add_middleware` would wrap only the FastAPI lane."""
+        first. Starlette's `add_middleware` would wrap only the FastAPI lane. Not with direct
+        routes, which no ASGI middleware wraps."""
+        if self._direct:
+            raise ValueError("edge middleware would not wrap the direct routes")
         self._edge = middleware(self._edge, **options)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -15,7 +15,7 @@ from fastapi import APIRouter
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
-from services.platform.app import ServiceApp
+from services.platform.app import SecurityHeadersMiddleware, ServiceApp
 from services.platform.direct import Answer, json_answer
 from services.platform.errors import Conflict
 from tests.harness import Served
@@ -235,9 +235,17 @@ async def test_in_process_a_direct_route_goes_the_usual_way(
     assert direct.calls == calls
 
 
-def test_a_direct_route_has_a_fixed_path() -> None:
+def test_a_direct_route_has_a_fixed_path_and_no_edge_middleware() -> None:
     with pytest.raises(ValueError, match="fixed path"):
         service_app("directpath").add_direct_route("GET", "/items/{item_id}", Direct().now)
+    guarded = service_app("directedge")
+    guarded.add_edge_middleware(SecurityHeadersMiddleware, hsts_seconds=0)
+    with pytest.raises(ValueError, match="edge middleware"):
+        guarded.add_direct_route("GET", "/now", Direct().now)
+    direct = service_app("directfirst")
+    direct.add_direct_route("GET", "/now", Direct().now)
+    with pytest.raises(ValueError, match="edge middleware"):
+        direct.add_edge_middleware(SecurityHeadersMiddleware, hsts_seconds=0)
 
 
 async def raw(port: int, requests: bytes, *, answers: int) -> list[tuple[bytes, bytes]]:
