@@ -43,6 +43,7 @@ class Drain:
     wall_seconds: float  # workers ready to last job finished
     worker_cpu_ms: float  # per job, in the signing worker processes
     other_cpu_ms: float  # per job, everything else in the stack
+    other_cpu_ms_by_part: dict[str, float]  # the same, per part of the stack
     outside_cores: float  # CPU used meanwhile by processes outside the stack, in cores
 
     @property
@@ -226,6 +227,7 @@ def drain(
             used = cpu_after.since(cpu_before)
             worker_cpu_used = used.pop(SIGNING, 0.0)
             other_cpu_used = sum(used.values())
+            other_by_part = dict(used)
             machine_cpu = cpu_after.machine - cpu_before.machine
         counted_jobs = sum(1 for at in finish_times if at > began)
         return Drain(
@@ -238,9 +240,17 @@ def drain(
             wall_seconds=finish_times[-1] - resumed_at,
             worker_cpu_ms=1000 * worker_cpu_used / counted_jobs,
             other_cpu_ms=1000 * other_cpu_used / counted_jobs,
+            other_cpu_ms_by_part={
+                part: 1000 * seconds / counted_jobs for part, seconds in other_by_part.items()
+            },
             # This process's own polling counts as outside: a few percent of a core.
             outside_cores=(machine_cpu - worker_cpu_used - other_cpu_used) / counted,
         )
+
+
+def _by_part(cpu_ms: dict[str, float]) -> str:
+    parts = sorted(cpu_ms.items(), key=lambda part: -part[1])
+    return ", ".join(f"{part} {ms:.1f}" for part, ms in parts if ms >= 0.05)
 
 
 def stack_part(
@@ -266,12 +276,12 @@ def stack_part(
                 f" {result.outside_cores:3.1f} cores)"
                 + (f"   FAILED {result.failed}" if result.failed else "")
             )
-            parts = sorted(result.upload_cpu_ms.items(), key=lambda part: -part[1])
+            rest = _by_part(result.other_cpu_ms_by_part)
+            print(f"            the rest of the stack per job: {rest}")
             print(
                 f"            before that, {jobs / result.upload_seconds:5.1f} uploads/s, CPU per"
-                f" upload {result.upload_total_cpu_ms:4.1f} ms ("
-                + ", ".join(f"{part} {ms:.1f}" for part, ms in parts if ms >= 0.05)
-                + ")"
+                f" upload {result.upload_total_cpu_ms:4.1f} ms"
+                f" ({_by_part(result.upload_cpu_ms)})"
             )
         ratios.append(two.rate / one.rate)
         cores = psutil.cpu_count() or 1
