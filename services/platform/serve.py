@@ -117,14 +117,18 @@ class HttpProtocol(HttpToolsProtocol):
             self.on_response_complete()  # keep-alive, flow control, as after any response
 
     def _direct_ok(self) -> bool:
-        """Whether this request may be answered directly: no body, keep-alive HTTP/1.1, and no
-        earlier request of the connection still being answered (answers keep their order)."""
+        """Whether this request may be answered directly: no body, keep-alive HTTP/1.1, no
+        earlier request of the connection still being answered (answers keep their order),
+        and the server under its concurrency limit, if it has one."""
         parser = self.parser
         if parser.get_http_version() != "1.1" or not parser.should_keep_alive():
             return False
         if parser.should_upgrade() or self.root_path:
             return False
         if self.cycle is not None and not self.cycle.response_complete:
+            return False
+        limit = self.limit_concurrency  # over uvicorn's limit, its 503 is the usual way's
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
             return False
         for name, value in self.headers:
             if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):

@@ -226,6 +226,23 @@ async def test_a_stopping_server_finishes_an_awaited_answer_then_closes(app: Ser
         await server.stop()
 
 
+async def test_over_the_servers_concurrency_limit_the_usual_503(
+    app: ServiceApp, direct: Direct
+) -> None:
+    calls = direct.calls
+    server = Served(app)
+    server.server.config.limit_concurrency = 1  # every connection is one too many
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            refused = await client.get("/now")
+    finally:
+        await server.stop()
+    assert refused.status_code == 503
+    assert refused.text == "Service Unavailable"  # uvicorn's own answer
+    assert direct.calls == calls
+
+
 async def test_in_process_a_direct_route_goes_the_usual_way(
     app: ServiceApp, direct: Direct
 ) -> None:
