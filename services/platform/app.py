@@ -14,6 +14,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route, compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -148,11 +149,10 @@ class ServiceApp(FastAPI):
             try:
                 answer = await answering
             except Exception as exc:  # noqa: BLE001 - every error has a handler (a 500 at last)
-                handler = self._exception_handler_for(exc)
-                if handler is None:
-                    raise
-                response = await handler(Request(scope), exc)
-                answer = Answer(response.status_code, list(response.raw_headers), response.body)
+                response = await self._problem(exc, Request(scope))
+                answer = Answer(
+                    response.status_code, list(response.raw_headers), bytes(response.body)
+                )
             observed.status = answer.status
             if all(name != observed.header[0] for name, _ in answer.headers):
                 answer.headers.append(observed.header)
@@ -202,13 +202,18 @@ class ServiceApp(FastAPI):
         except Exception as exc:
             if sent.status is not None:
                 raise  # too late for a problem document: the connection is closed
-            handler = self._exception_handler_for(exc)
-            if handler is None:
-                raise
-            response = await handler(Request(scope, receive), exc)
+            response = await self._problem(exc, Request(scope, receive))
             await response(scope, receive, sent)
         finally:
             self._observer.end(scope, sent)
+
+    async def _problem(self, exc: Exception, request: Request) -> Response:
+        """The app's own answer to `exc` (its exception handlers); `exc` again if none."""
+        handler = self._exception_handler_for(exc)
+        if handler is None:
+            raise exc
+        response: Response = await handler(request, exc)
+        return response
 
     def _exception_handler_for(self, exc: Exception) -> Callable[..., Any] | None:
         for cls in type(exc).__mro__:

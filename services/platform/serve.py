@@ -84,13 +84,14 @@ class HttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         answerer = self._answerer
+        method = self.parser.get_method()
         if (
             answerer is not None
-            and (self.parser.get_method(), self.url) in answerer.direct_routes
+            and (method, self.url) in answerer.direct_routes
             and self._direct_ok()
         ):
             scope = cast("Scope", self.scope)  # uvicorn's TypedDict: an ASGI scope
-            scope["method"] = self.parser.get_method().decode("ascii")
+            scope["method"] = method.decode("ascii")
             scope["path"] = self.url.decode("ascii")
             scope["raw_path"] = self.url
             scope["query_string"] = b""
