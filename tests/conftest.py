@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from tests.harness import Infrastructure, ServiceStack, running_stack, start_infrastructure
+from tests.leaks import trace_stream_writers
 from tests.paysim import PaymentProvider
 
 
@@ -33,6 +34,7 @@ async def infra() -> AsyncIterator[Infrastructure]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    trace_stream_writers()
     config.addinivalue_line("markers", "workers(n): signing workers the `stack` fixture starts")
     config.addinivalue_line(
         "markers", "settings(**per_service): setting overrides for the `stack` fixture"
