@@ -27,7 +27,7 @@ def trace_stream_writers() -> None:
 
     def __init__(self: asyncio.StreamWriter, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **kwargs)
-        frames = traceback.extract_stack(limit=10)[:-1]
+        frames = traceback.extract_stack(limit=20)[:-1]
         setattr(self, _ORIGIN, (os.environ.get("PYTEST_CURRENT_TEST", "no test"), frames))
 
     def __repr__(self: asyncio.StreamWriter) -> str:

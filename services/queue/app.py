@@ -116,6 +116,8 @@ def create_app(settings: QueueSettings | None = None) -> FastAPI:
             # A task cancelled inside a Redis call may take a moment to unwind; never hang
             # the shutdown on it.
             await asyncio.wait(tasks, timeout=5)
+            with suppress(TimeoutError):
+                await asyncio.wait_for(room.drain(), timeout=5)
             await redis.aclose()
             await stamping.aclose()
 

@@ -299,6 +299,11 @@ class Room:
         ).inc()
         return joined
 
+    async def drain(self) -> None:
+        """Wait for the joins in flight (at shutdown, before the Redis client is closed: a
+        batch still connecting would otherwise open a connection nothing closes)."""
+        await self._joins.drain()
+
     async def _join_batch(self, arrivals: Sequence[Arrival]) -> list[Joined]:
         args: list[Any] = [
             int(self.clock() * 1000),

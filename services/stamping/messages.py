@@ -30,12 +30,31 @@ class StampingFinished(BaseModel):
     @classmethod
     def of(cls, job: StampingJob) -> StampingFinished:
         """The message announcing a finished job."""
+        return cls.outcome(
+            job,
+            job.status,
+            sha256=job.output_sha256,
+            error_code=job.error_code,
+            error_detail=job.error_detail,
+        )
+
+    @classmethod
+    def outcome(
+        cls,
+        job: StampingJob,
+        status: JobStatus,
+        *,
+        sha256: str | None = None,
+        error_code: str | None = None,
+        error_detail: str | None = None,
+    ) -> StampingFinished:
+        """The message announcing that `job` ends with `status` (before it is recorded)."""
         return cls(
             job_id=job.id,
             serial=job.serial,
             owner=job.owner,
-            status="done" if job.status is JobStatus.done else "failed",
-            sha256=job.output_sha256,
-            error_code=job.error_code,
-            error_detail=job.error_detail,
+            status="done" if status is JobStatus.done else "failed",
+            sha256=sha256,
+            error_code=error_code,
+            error_detail=error_detail,
         )

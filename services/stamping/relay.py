@@ -92,7 +92,9 @@ class OutboxRelay:
                     await asyncio.wait_for(self._wake.wait(), timeout=self.interval * 10)
 
     async def publish_pending(self) -> int:
-        """Publish one batch; returns how many messages went out."""
+        """Publish one batch; returns how many messages went out. The batch is deleted from
+        the outbox in the transaction that publishes it, committed once the broker has
+        acknowledged every message."""
         async with transaction(self.sessionmaker) as session:
             messages = await repo.take_outbox_batch(session, self.batch)
             if not messages:
@@ -106,9 +108,7 @@ class OutboxRelay:
                 )
                 for message in messages
             ]
-            # Delete only after the broker acknowledged every message of the batch.
             await asyncio.gather(*futures)
-            await repo.delete_outbox(session, [message.id for message in messages])
         for message in messages:
             PUBLISHED.labels(message.topic).inc()
         return len(messages)
@@ -122,13 +122,17 @@ class OutboxRelay:
         """Queue another request for unfinished jobs that are due (see `republish_at`)."""
         async with transaction(self.sessionmaker) as session:
             jobs = await repo.due_unfinished_jobs(session, limit=self.batch)
-            for job in jobs:
-                await repo.add_outbox(
-                    session,
-                    self.requests_topic,
-                    str(job.id),
-                    StampingRequested(job_id=job.id).model_dump(mode="json"),
-                )
+            await repo.add_outbox_many(
+                session,
+                [
+                    repo.Announcement(
+                        self.requests_topic,
+                        str(job.id),
+                        StampingRequested(job_id=job.id).model_dump(mode="json"),
+                    )
+                    for job in jobs
+                ],
+            )
             if jobs:
                 await repo.postpone_republish(
                     session,
@@ -153,8 +157,14 @@ async def replay_after_broker_loss(
     async with transaction(sessionmaker) as session:
         queued = await repo.republish_queued_now(session)
         finished = await repo.jobs_finished_since(session, finished_since)
-        for job in finished:
-            message = StampingFinished.of(job).model_dump(mode="json")
-            await repo.add_outbox(session, results_topic, str(job.id), message)
+        await repo.add_outbox_many(
+            session,
+            [
+                repo.Announcement(
+                    results_topic, str(job.id), StampingFinished.of(job).model_dump(mode="json")
+                )
+                for job in finished
+            ],
+        )
     log.warning("broker_loss_replayed", queued_jobs=queued, results=len(finished))
     return queued, len(finished)

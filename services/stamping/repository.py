@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -23,6 +24,15 @@ from services.stamping.models import (
 )
 
 
+@dataclass(frozen=True)
+class Announcement:
+    """A message for the outbox: published once the transaction that queued it commits."""
+
+    topic: str
+    key: str
+    payload: dict[str, Any]
+
+
 async def add_outbox(
     session: AsyncSession,
     topic: str,
@@ -36,19 +46,50 @@ async def add_outbox(
     )
 
 
-async def take_outbox_batch(session: AsyncSession, limit: int) -> list[OutboxMessage]:
-    """Oldest unsent messages, locked so that relay replicas never publish the same batch."""
-    rows = await session.execute(
-        select(OutboxMessage)
+async def add_outbox_many(session: AsyncSession, announcements: Sequence[Announcement]) -> None:
+    """Queue several messages at once (one statement, however many)."""
+    if announcements:
+        await session.execute(
+            insert(OutboxMessage),
+            [
+                {"topic": item.topic, "key": item.key, "payload": item.payload, "headers": {}}
+                for item in announcements
+            ],
+        )
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    id: int
+    topic: str
+    key: str
+    payload: dict[str, Any]
+    headers: dict[str, str]
+
+
+async def take_outbox_batch(session: AsyncSession, limit: int) -> list[OutboxRow]:
+    """Delete and return the oldest unsent messages, in order, in one statement: rows that
+    come back should the transaction roll back (the broker refused them). Locked rows are
+    skipped, so relay replicas never publish the same batch."""
+    oldest = (
+        select(OutboxMessage.id)
         .order_by(OutboxMessage.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
-    return list(rows.scalars().all())
-
-
-async def delete_outbox(session: AsyncSession, ids: Sequence[int]) -> None:
-    await session.execute(delete(OutboxMessage).where(OutboxMessage.id.in_(ids)))
+    rows = await session.execute(
+        delete(OutboxMessage)
+        .where(OutboxMessage.id.in_(oldest.scalar_subquery()))
+        .returning(
+            OutboxMessage.id,
+            OutboxMessage.topic,
+            OutboxMessage.key,
+            OutboxMessage.payload,
+            OutboxMessage.headers,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return sorted((OutboxRow(*row) for row in rows), key=lambda row: row.id)
 
 
 async def get_job(session: AsyncSession, job_id: uuid.UUID) -> StampingJob | None:
@@ -101,14 +142,16 @@ async def finish_job(
     worker_id: str,
     attempt: int,
     status: JobStatus,
+    announce: Announcement,
     output_key: str | None = None,
     output_sha256: str | None = None,
     error_code: str | None = None,
     error_detail: str | None = None,
     last_error: str | None = None,
 ) -> StampingJob | None:
-    """Record the outcome if this worker still holds the lease of attempt number `attempt`;
-    None if it lost it. The row stays locked until the transaction ends."""
+    """Record the outcome and queue its announcement (an outbox row), in one statement, if
+    this worker still holds the lease of attempt number `attempt`; None, and nothing queued,
+    if it lost it. The row stays locked until the transaction ends."""
     values: dict[str, Any] = {
         "status": status,
         "output_key": output_key,
@@ -122,11 +165,30 @@ async def finish_job(
     }
     if last_error is not None:
         values["last_error"] = last_error
-    row = await session.execute(
+    finished = (
         update(StampingJob)
         .where(*_holding(job_id, worker_id, attempt))
         .values(**values)
-        .returning(StampingJob)
+        .returning(*StampingJob.__table__.c)
+        .cte("finished")
+    )
+    announced = (
+        insert(OutboxMessage)
+        .from_select(
+            ["topic", "key", "payload", "headers"],
+            select(
+                literal(announce.topic),
+                literal(announce.key),
+                literal(announce.payload, OutboxMessage.payload.type),
+                literal({}, OutboxMessage.headers.type),
+            ).select_from(finished),
+        )
+        .cte("announced")
+    )
+    row = await session.execute(
+        select(StampingJob)
+        .from_statement(select(finished).add_cte(announced))
+        .execution_options(populate_existing=True)  # the job as recorded, not as leased
     )
     return row.scalar_one_or_none()
 

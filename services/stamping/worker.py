@@ -256,6 +256,16 @@ class SigningWorker:
     ) -> StampingJob | None:
         """Record the outcome and its `stamping.results` message in one transaction, if this
         worker still holds the lease of this attempt (None otherwise)."""
+        message = StampingFinished.outcome(
+            job,
+            status,
+            sha256=outcome.get("output_sha256"),
+            error_code=outcome.get("error_code"),
+            error_detail=outcome.get("error_detail"),
+        )
+        announcement = repo.Announcement(
+            self.settings.results_topic, str(job.id), message.model_dump(mode="json")
+        )
         async with transaction(self.sessionmaker) as session:
             finished = await repo.finish_job(
                 session,
@@ -263,6 +273,7 @@ class SigningWorker:
                 worker_id=self.worker_id,
                 attempt=job.attempts,
                 status=status,
+                announce=announcement,
                 last_error=last_error,
                 **outcome,
             )
@@ -274,14 +285,7 @@ class SigningWorker:
                     await self.blobs.put(finished.output_key, output)
                 if dead_letter:
                     await repo.add_dead_letter(session, finished)
-                await self._announce(session, finished)
         return finished
-
-    async def _announce(self, session: AsyncSession, job: StampingJob) -> None:
-        message = StampingFinished.of(job)
-        await repo.add_outbox(
-            session, self.settings.results_topic, str(job.id), message.model_dump(mode="json")
-        )
 
     async def heartbeat(self, every: float = 5.0) -> None:
         """Tell the database this worker is alive, until cancelled."""

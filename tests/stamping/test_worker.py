@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import timedelta
+from typing import Any
 
 import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer
 from prometheus_client import REGISTRY
+from sqlalchemy import select
 
+from services.platform.db import create_engine, create_sessionmaker
+from services.stamping import repository as repo
+from services.stamping.messages import StampingFinished
+from services.stamping.models import JobStatus, OutboxMessage
 from tests.harness import ServiceStack, wait_for
 from tests.pdfs import make_pdf
 
@@ -198,3 +205,83 @@ async def test_a_job_another_transaction_is_recording_is_skipped_not_waited_for(
             await holder.close()
         # Published again by the relay, it is taken now that nobody holds it.
         await wait_for(lambda: done(locked_id), within=60)
+
+
+@pytest.mark.workers(0)
+async def test_an_outcome_is_recorded_with_its_announcement_only_by_the_lease_holder(
+    stack: ServiceStack,
+) -> None:
+    """The outcome and its `stamping.results` message are one statement: a worker that lost
+    the lease (another attempt number) records nothing and announces nothing."""
+    await stack.mint(1)
+    api_key = await stack.create_distributor()
+    async with stack.client(api_key) as client:
+        await client.post("/api/v1/purchases", json={"quantity": 1})
+        uploaded = await client.post(
+            "/api/v1/stampings", files={"file": ("a.pdf", make_pdf(1), "application/pdf")}
+        )
+    job_id = uuid.UUID(uploaded.json()["id"])
+    engine = create_engine(stack.stamping_db, pool_size=1)
+    try:
+        async with create_sessionmaker(engine)() as session:
+            leased = await repo.lease_job(
+                session, job_id, worker_id="signer-x", lease=timedelta(minutes=1)
+            )
+            assert leased is not None
+            announcement = repo.Announcement(
+                "stamping.results.test",
+                str(job_id),
+                StampingFinished.outcome(leased, JobStatus.done, sha256="ab" * 32).model_dump(
+                    mode="json"
+                ),
+            )
+
+            async def announced() -> list[Any]:
+                rows = await session.execute(
+                    select(OutboxMessage.payload).where(
+                        OutboxMessage.topic == "stamping.results.test",
+                        OutboxMessage.key == str(job_id),
+                    )
+                )
+                return list(rows.scalars())
+
+            for worker_id, attempt in (("signer-x", leased.attempts + 1), ("signer-y", 1)):
+                lost = await repo.finish_job(
+                    session,
+                    job_id,
+                    worker_id=worker_id,
+                    attempt=attempt,
+                    status=JobStatus.done,
+                    announce=announcement,
+                    output_key="outputs/x.pdf",
+                    output_sha256="ab" * 32,
+                )
+                assert lost is None
+                assert await announced() == []
+            finished = await repo.finish_job(
+                session,
+                job_id,
+                worker_id="signer-x",
+                attempt=leased.attempts,
+                status=JobStatus.done,
+                announce=announcement,
+                output_key="outputs/x.pdf",
+                output_sha256="ab" * 32,
+            )
+            assert finished is not None
+            assert (finished.status, finished.output_sha256) == (JobStatus.done, "ab" * 32)
+            assert finished.finished_at is not None and finished.lease_owner is None
+            assert await announced() == [
+                {
+                    "job_id": str(job_id),
+                    "serial": leased.serial,
+                    "owner": leased.owner,
+                    "status": "done",
+                    "sha256": "ab" * 32,
+                    "error_code": None,
+                    "error_detail": None,
+                }
+            ]
+            await session.rollback()  # the relay of this stack never sees it
+    finally:
+        await engine.dispose()
