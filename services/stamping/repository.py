@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -31,6 +31,7 @@ class Announcement:
     topic: str
     key: str
     payload: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 async def add_outbox(
@@ -41,9 +42,7 @@ async def add_outbox(
     headers: dict[str, str] | None = None,
 ) -> None:
     """Queue a message to be published once the surrounding transaction commits."""
-    await session.execute(
-        insert(OutboxMessage).values(topic=topic, key=key, payload=payload, headers=headers or {})
-    )
+    await add_outbox_many(session, [Announcement(topic, key, payload, headers or {})])
 
 
 async def add_outbox_many(session: AsyncSession, announcements: Sequence[Announcement]) -> None:
@@ -52,7 +51,12 @@ async def add_outbox_many(session: AsyncSession, announcements: Sequence[Announc
         await session.execute(
             insert(OutboxMessage),
             [
-                {"topic": item.topic, "key": item.key, "payload": item.payload, "headers": {}}
+                {
+                    "topic": item.topic,
+                    "key": item.key,
+                    "payload": item.payload,
+                    "headers": item.headers,
+                }
                 for item in announcements
             ],
         )
@@ -180,7 +184,7 @@ async def finish_job(
                 literal(announce.topic),
                 literal(announce.key),
                 literal(announce.payload, OutboxMessage.payload.type),
-                literal({}, OutboxMessage.headers.type),
+                literal(announce.headers, OutboxMessage.headers.type),
             ).select_from(finished),
         )
         .cte("announced")
