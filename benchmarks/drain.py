@@ -42,9 +42,13 @@ class Drain:
     """Jobs finished per second from when every worker had finished one until 90% were."""
     wall_seconds: float  # workers ready to last job finished
     worker_cpu_ms: float  # per job, in the signing worker processes
-    other_cpu_ms: float  # per job, everything else in the stack
-    other_cpu_ms_by_part: dict[str, float]  # the same, per part of the stack
+    other_cpu_ms_by_part: dict[str, float]  # per job, every other part of the stack
     outside_cores: float  # CPU used meanwhile by processes outside the stack, in cores
+
+    @property
+    def other_cpu_ms(self) -> float:
+        """Per job, everything in the stack but the workers."""
+        return sum(self.other_cpu_ms_by_part.values())
 
     @property
     def total_cpu_ms(self) -> float:
@@ -227,7 +231,6 @@ def drain(
             used = cpu_after.since(cpu_before)
             worker_cpu_used = used.pop(SIGNING, 0.0)
             other_cpu_used = sum(used.values())
-            other_by_part = dict(used)
             machine_cpu = cpu_after.machine - cpu_before.machine
         counted_jobs = sum(1 for at in finish_times if at > began)
         return Drain(
@@ -239,9 +242,8 @@ def drain(
             rate=_steady_rate(finish_times, began),
             wall_seconds=finish_times[-1] - resumed_at,
             worker_cpu_ms=1000 * worker_cpu_used / counted_jobs,
-            other_cpu_ms=1000 * other_cpu_used / counted_jobs,
             other_cpu_ms_by_part={
-                part: 1000 * seconds / counted_jobs for part, seconds in other_by_part.items()
+                part: 1000 * seconds / counted_jobs for part, seconds in used.items()
             },
             # This process's own polling counts as outside: a few percent of a core.
             outside_cores=(machine_cpu - worker_cpu_used - other_cpu_used) / counted,
