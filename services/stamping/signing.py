@@ -35,6 +35,7 @@ from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
 from pyhanko.sign import fields, signers
 from pyhanko_certvalidator.registry import SimpleCertificateStore
 
+from services.stamping import qr
 from services.stamping.appearance import EMeteraiStampStyle
 from services.stamping.cms_signer import KeySigner, SignerFailure
 from services.stamping.documents import (
@@ -158,6 +159,8 @@ class StampSigner:
             raise ValueError(f"serial must be 22 upper-case letters or digits: {request.serial!r}")
         if not request.verify_url:
             raise ValueError("verify_url must not be empty")
+        if len(request.verify_url.encode()) > qr.MAX_BYTES:
+            raise ValueError(f"verify_url is longer than a QR code holds ({qr.MAX_BYTES} bytes)")
         field_name = f"eMeterai-{request.serial}"
         output = BytesIO()
         with _document_errors():

@@ -355,6 +355,8 @@ def test_malformed_requests_are_programming_errors(signer: StampSigner, pdf: byt
         signer.stamp(pdf, StampRequest(serial="abc", verify_url="http://x/verify/abc"))
     with pytest.raises(ValueError, match="verify_url"):
         signer.stamp(pdf, StampRequest(serial=SERIAL, verify_url=""))
+    with pytest.raises(ValueError, match="verify_url is longer than a QR code holds"):
+        signer.stamp(pdf, StampRequest(serial=SERIAL, verify_url="https://x/" + "v" * 2322))
 
 
 def test_document_rejected_carries_a_stable_code() -> None:
