@@ -6,9 +6,22 @@ import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import cache
 from typing import Any
 
-from sqlalchemy import delete, func, insert, literal, or_, select, update
+from sqlalchemy import (
+    Executable,
+    Interval,
+    Update,
+    bindparam,
+    delete,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -109,11 +122,24 @@ async def lease_job(
     the row lock is what keeps another attempt from recording it meanwhile, so should that
     recording not commit, the job is published again when its lease has ended).
     The attempt number (`attempts`) fences the outcome."""
-    now = func.now()
-    unlocked = (
-        select(StampingJob.id).where(StampingJob.id == job_id).with_for_update(skip_locked=True)
-    )
     row = await session.execute(
+        _lease_statement(), {"job_id": job_id, "worker_id": worker_id, "lease": lease}
+    )
+    return row.scalar_one_or_none()
+
+
+@cache
+def _lease_statement() -> Update:
+    # Built once: a worker leases every job, and building the statement anew (with its cache
+    # key) cost more CPU than running it.
+    now = func.now()
+    lease = bindparam("lease", type_=Interval())
+    unlocked = (
+        select(StampingJob.id)
+        .where(StampingJob.id == bindparam("job_id"))
+        .with_for_update(skip_locked=True)
+    )
+    return (
         update(StampingJob)
         .where(
             StampingJob.id.in_(unlocked.scalar_subquery()),
@@ -126,7 +152,7 @@ async def lease_job(
         .values(
             status=JobStatus.signing,
             attempts=StampingJob.attempts + 1,
-            lease_owner=worker_id,
+            lease_owner=bindparam("worker_id"),
             lease_expires_at=now + lease,
             not_before=None,
             # Should this worker die, the job is published again as soon as the lease ends.
@@ -136,7 +162,6 @@ async def lease_job(
         )
         .returning(StampingJob)
     )
-    return row.scalar_one_or_none()
 
 
 async def finish_job(
@@ -155,24 +180,50 @@ async def finish_job(
 ) -> StampingJob | None:
     """Record the outcome and queue its announcement (an outbox row), in one statement, if
     this worker still holds the lease of attempt number `attempt`; None, and nothing queued,
-    if it lost it. The row stays locked until the transaction ends."""
-    values: dict[str, Any] = {
-        "status": status,
-        "output_key": output_key,
-        "output_sha256": output_sha256,
-        "error_code": error_code,
-        "error_detail": error_detail,
-        "lease_owner": None,
-        "lease_expires_at": None,
-        "finished_at": func.now(),
-        "updated_at": func.now(),
-    }
-    if last_error is not None:
-        values["last_error"] = last_error
+    if it lost it. `last_error` None keeps the one recorded. The row stays locked until the
+    transaction ends."""
+    row = await session.execute(
+        _finish_statement(),
+        {
+            "job_id": job_id,
+            "worker_id": worker_id,
+            "attempt": attempt,
+            "status": status,
+            "output_key": output_key,
+            "output_sha256": output_sha256,
+            "error_code": error_code,
+            "error_detail": error_detail,
+            "last_error": last_error,
+            "topic": announce.topic,
+            "key": announce.key,
+            "payload": announce.payload,
+            "headers": announce.headers,
+        },
+    )
+    return row.scalar_one_or_none()
+
+
+@cache
+def _finish_statement() -> Executable:
+    # Built once, as the lease is.
     finished = (
         update(StampingJob)
-        .where(*_holding(job_id, worker_id, attempt))
-        .values(**values)
+        .where(*_holding(bindparam("job_id"), bindparam("worker_id"), bindparam("attempt")))
+        .values(
+            status=bindparam("status"),
+            output_key=bindparam("output_key"),
+            output_sha256=bindparam("output_sha256"),
+            error_code=bindparam("error_code"),
+            error_detail=bindparam("error_detail"),
+            last_error=func.coalesce(
+                bindparam("last_error", type_=StampingJob.last_error.type),
+                StampingJob.last_error,
+            ),
+            lease_owner=None,
+            lease_expires_at=None,
+            finished_at=func.now(),
+            updated_at=func.now(),
+        )
         .returning(*StampingJob.__table__.c)
         .cte("finished")
     )
@@ -181,20 +232,19 @@ async def finish_job(
         .from_select(
             ["topic", "key", "payload", "headers"],
             select(
-                literal(announce.topic),
-                literal(announce.key),
-                literal(announce.payload, OutboxMessage.payload.type),
-                literal(announce.headers, OutboxMessage.headers.type),
+                bindparam("topic", type_=OutboxMessage.topic.type),
+                bindparam("key", type_=OutboxMessage.key.type),
+                bindparam("payload", type_=OutboxMessage.payload.type),
+                bindparam("headers", type_=OutboxMessage.headers.type),
             ).select_from(finished),
         )
         .cte("announced")
     )
-    row = await session.execute(
+    return (
         select(StampingJob)
         .from_statement(select(finished).add_cte(announced))
         .execution_options(populate_existing=True)  # the job as recorded, not as leased
     )
-    return row.scalar_one_or_none()
 
 
 async def retry_later(
@@ -227,7 +277,7 @@ async def retry_later(
     return row.scalar_one_or_none()
 
 
-def _holding(job_id: uuid.UUID, worker_id: str, attempt: int) -> tuple[Any, ...]:
+def _holding(job_id: Any, worker_id: Any, attempt: Any) -> tuple[Any, ...]:
     # The attempt number fences a worker that lost its lease and got it back under the same
     # id (a restarted process keeps its name), or that was paused past its lease.
     return (
