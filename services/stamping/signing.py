@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -191,7 +193,11 @@ class StampSigner:
             )
             # pyHanko's sign_pdf, in a coroutine of ours so that the timestamp reservation
             # can be sized on the same event loop.
-            asyncio.run(self._sign(pdf_signer, writer, request, output))
+            signing = self._sign(pdf_signer, writer, request, output)
+            if self._timestamper is None:
+                _run_offline(signing)
+            else:
+                asyncio.run(signing)
         return output.getvalue()
 
     async def _sign(
@@ -238,6 +244,37 @@ def inspect_document(
             refuse_stamped(reader, serial)
         rehearse(reader, page_index, placed)
         return page_index, placed
+
+
+class _OwnLoop:
+    """An event loop that is closed when it is dropped (with its thread)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+
+    def __del__(self) -> None:
+        self.loop.close()
+
+
+class _ThreadLoops(threading.local):
+    own: _OwnLoop | None = None
+
+
+_thread_loops = _ThreadLoops()
+
+
+def _run_offline(coroutine: Coroutine[Any, Any, None]) -> None:
+    """Run a coroutine that waits for nothing outside this process (a PAdES B-B signature)
+    on an event loop of this thread's own, made once.
+
+    asyncio.run makes a loop and closes it every time: 6% of a stamp's CPU. B-T signatures
+    still get a fresh loop each: the timestamp authority's connection is closed by callbacks
+    that asyncio.run lets finish, which a loop kept for the next stamp would leave pending.
+    """
+    own = _thread_loops.own
+    if own is None:
+        own = _thread_loops.own = _OwnLoop()
+    own.loop.run_until_complete(coroutine)
 
 
 def _refuse_event_loop_thread() -> None:
