@@ -114,6 +114,23 @@ class BacklogGuard:
     def accepted(self) -> None:
         self.accepted_since_read += 1
 
+    def republish_after(self, shortest: float, longest: float) -> float:
+        """Seconds after which a job accepted now is published again should it not have
+        finished: twice what the jobs ahead of it take at the rate jobs are finishing (the
+        rate swings), at least `shortest`, at most `longest`; `shortest` while no job is
+        finishing or no rate was measured yet.
+
+        Before, every job that waited `shortest` behind a long backlog was published again,
+        and again after each doubling: a duplicate for the workers to skip and the broker to
+        carry, several per job in a deadline rush, for a message that was not lost, just
+        queued. Where the jobs ahead are being worked off, the wait they explain is expected.
+        """
+        rate = self.finish_rate
+        if not rate:
+            return shortest
+        ahead = self.unfinished + self.accepted_since_read
+        return max(shortest, min(longest, 2 * ahead / rate))
+
     def current(self) -> Backlog:
         """The backlog as last read, with what this process accepted since."""
         return Backlog(

@@ -45,9 +45,10 @@ class StampingSettings(ServiceSettings):
 
     # Outbox relay: how often it looks for unsent messages, and when a job that has not
     # finished is published again (the broker may have lost it): `republish_after_seconds`
-    # after it was queued, then after ever longer waits (each as long as the job has waited
-    # since it was queued or last leased, at most `republish_max_interval_seconds`), so that a
-    # long backlog is not flooded with duplicates. A leased job is due when its lease ends.
+    # after it was queued, or twice the time the backlog ahead of it takes to finish if that
+    # is longer, then after ever longer waits (each as long as the job has waited since it
+    # was queued or last leased, at most `republish_max_interval_seconds`), so that a long
+    # backlog is not flooded with duplicates. A leased job is due when its lease ends.
     relay_interval_seconds: float = 0.05
     republish_after_seconds: float = 30.0
     republish_max_interval_seconds: float = 300.0

@@ -252,7 +252,9 @@ async def create_stamping(
         requests_topic=settings.requests_topic,
         render=lambda job: render_job(job, settings.public_base_url),
         cpu_budget_seconds=settings.document_cpu_budget_seconds,
-        republish_after_seconds=settings.republish_after_seconds,
+        republish_after_seconds=guard.republish_after(
+            settings.republish_after_seconds, settings.republish_max_interval_seconds
+        ),
     )
     state.relay.wake()
     if accepted.job is not None:

@@ -97,7 +97,7 @@ async def accept(
     The document is inspected first (within `cpu_budget_seconds`), before any database work:
     a hostile upload costs bounded CPU and holds no connection. `render(job)` builds the
     response body recorded for idempotent replays. Should the job's message be lost, the relay
-    publishes it again after `republish_after_seconds`.
+    publishes it again after `republish_after_seconds` (see `BacklogGuard.republish_after`).
     """
     try:
         page, box = await asyncio.to_thread(

@@ -1,13 +1,15 @@
 """A job whose attempts fail through no fault of its document is tried again after a growing
 backoff, never sooner (not even when its request is delivered again), then fails with a reason,
 gives its serial back and leaves a dead letter; meanwhile the worker carries on with the rest.
-A job nobody takes is published again, ever less often."""
+A job nobody takes is published again, ever less often; one queued behind a backlog that is
+being worked off only once that backlog should have been."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
+import uuid
 from collections import defaultdict
 from datetime import datetime
 from typing import Any
@@ -15,8 +17,10 @@ from typing import Any
 import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from services.stamping import worker as worker_module
+from services.stamping.backlog import BacklogGuard
 from services.stamping.config import StampingSettings
 from services.stamping.signing import SignerFailure, StampRequest, StampSigner
 from tests.harness import ServiceStack, wait_for
@@ -182,3 +186,56 @@ async def test_a_job_nobody_takes_is_published_again_ever_less_often(
 
 def _at(timestamp: str) -> datetime:
     return datetime.fromisoformat(timestamp)
+
+
+def test_a_job_queued_behind_a_backlog_that_is_being_worked_off_is_not_published_again_early() -> (
+    None
+):
+    guard = BacklogGuard(async_sessionmaker(), limit=20_000)
+    # Nothing measured yet, or nothing finishing: the shortest wait, as before.
+    assert guard.republish_after(30, 300) == 30
+    guard.unfinished, guard.finish_rate = 5_000, 0.0
+    assert guard.republish_after(30, 300) == 30
+    # 1,000 jobs ahead finishing at 20 a second take 50 s: twice that, for the rate's swings.
+    guard.unfinished, guard.finish_rate = 990, 20.0
+    guard.accepted_since_read = 10
+    assert guard.republish_after(30, 300) == pytest.approx(100)
+    # Never sooner than the shortest wait, never later than the longest.
+    guard.unfinished, guard.accepted_since_read = 100, 0
+    assert guard.republish_after(30, 300) == 30
+    guard.unfinished = 20_000
+    assert guard.republish_after(30, 300) == 300
+
+
+@pytest.mark.workers(0)
+@pytest.mark.settings(stamping={"backlog_refresh_seconds": 3600.0})
+async def test_an_upload_is_due_for_republishing_after_the_backlog_ahead_of_it(
+    stack: ServiceStack,
+) -> None:
+    """The job row records the guard's wait: here 600 jobs ahead, 10 finishing a second."""
+    guard: BacklogGuard = stack.servers["stamping"].app.state.backlog_guard
+    await stack.mint(2)
+    api_key = await stack.create_distributor()
+    waits = []
+    async with stack.client(api_key) as client:
+        await client.post("/api/v1/purchases", json={"quantity": 2})
+        for rate in (None, 10.0):
+            guard.unfinished, guard.accepted_since_read, guard.finish_rate = 600, 0, rate
+            upload = await client.post(
+                "/api/v1/stampings", files={"file": ("a.pdf", make_pdf(1), "application/pdf")}
+            )
+            assert upload.status_code == 202, upload.text
+            connection = await asyncpg.connect(stack.stamping_db)
+            try:
+                waits.append(
+                    await connection.fetchval(
+                        "SELECT extract(epoch FROM republish_at - created_at)"
+                        " FROM stamping_jobs WHERE id = $1",
+                        uuid.UUID(upload.json()["id"]),
+                    )
+                )
+            finally:
+                await connection.close()
+    settings = stack.stamping_settings()
+    assert waits[0] == pytest.approx(settings.republish_after_seconds, abs=1)
+    assert waits[1] == pytest.approx(2 * 600 / 10.0, abs=1)
