@@ -109,6 +109,13 @@ async def take_outbox_batch(session: AsyncSession, limit: int) -> list[OutboxRow
     return sorted((OutboxRow(*row) for row in rows), key=lambda row: row.id)
 
 
+async def add_job(session: AsyncSession, **columns: Any) -> StampingJob:
+    """Insert a job and return it as stored, server defaults included (one statement: no
+    flush followed by a refresh)."""
+    row = await session.execute(insert(StampingJob).values(**columns).returning(StampingJob))
+    return row.scalar_one()
+
+
 async def get_job(session: AsyncSession, job_id: uuid.UUID) -> StampingJob | None:
     return await session.get(StampingJob, job_id)
 

@@ -141,7 +141,8 @@ async def accept(
                 claim_asked = False  # refused: nothing was claimed
                 raise
             await blobs.put(input_key(job_id), order.document)
-            job = StampingJob(
+            job = await repo.add_job(
+                session,
                 id=job_id,
                 owner=principal.owner_key,
                 serial=serial,
@@ -158,9 +159,6 @@ async def accept(
                 attempts=0,
                 republish_at=func.now() + timedelta(seconds=republish_after_seconds),
             )
-            session.add(job)
-            await session.flush()
-            await session.refresh(job)
             await repo.add_outbox(
                 session,
                 requests_topic,
