@@ -137,8 +137,9 @@ async def lease_job(
 
 @cache
 def _lease_statement() -> Update:
-    # Built once: a worker leases every job, and building the statement anew (with its cache
-    # key) cost more CPU than running it.
+    # Built once: a worker leases every job, and building this statement and the outcome's
+    # anew for every job (with their cache keys) was a third of a worker's CPU per job
+    # outside signing on the benchmark machine.
     now = func.now()
     lease = bindparam("lease", type_=Interval())
     unlocked = (
