@@ -145,6 +145,26 @@ async def check_kafka(producer: AIOKafkaProducer, topic: str) -> None:
         raise RuntimeError(f"topic {topic} has no partitions")
 
 
+@dataclass
+class _Progress:
+    """A partition's messages in the one-message loop: the offsets running and one past the
+    highest that finished. Offsets below the lowest running one (or below `done`, with none
+    running) are committable. `epoch` numbers the times the partition was fetched again
+    after a failure: messages started before then no longer count."""
+
+    running: set[int] = field(default_factory=set)
+    done: int = -1
+    epoch: int = 0
+
+
+@dataclass(frozen=True)
+class _Running:
+    record: ConsumerRecord[bytes, bytes]
+    tp: TopicPartition
+    assignment: int
+    epoch: int
+
+
 class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, loop: ConsumerLoop) -> None:
         self.loop = loop
@@ -161,14 +181,18 @@ class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 class ConsumerLoop:
-    """Fetch batches, process each message (at most `concurrency` at once), then commit. With
-    a `batch_handler` instead of a `handler`, each fetch is handed over whole (one database
-    transaction for the lot, say), and it is retried whole if the handler raises.
+    """Process each message with `handler`, at most `concurrency` at once, fetching the next
+    one as soon as one finishes: a message never waits for a slow one fetched with it, and a
+    worker never idles between batches. With a `batch_handler` instead, each fetch (up to
+    `max_batch` messages) is handed over whole (one database transaction for the lot, say),
+    and it is retried whole if the handler raises.
 
-    Offsets are committed only for messages whose handler returned, so a crash at any point
-    leads to redelivery, never to loss. `request_stop()` stops fetching and starting messages
-    (fetched ones that have not started are left to the partition's next owner), lets in-flight
-    ones finish within `grace_seconds`, commits and closes the consumer.
+    Offsets are committed only below the first message of a partition whose handler has not
+    returned, so a crash at any point leads to redelivery, never to loss; with a `handler`,
+    commits go out every `commit_every_seconds` while messages finish, and after a failure.
+    `request_stop()` stops fetching and starting messages (fetched ones that have not started
+    are left to the partition's next owner), lets in-flight ones finish within
+    `grace_seconds`, commits and closes the consumer.
     """
 
     def __init__(
@@ -184,6 +208,7 @@ class ConsumerLoop:
         max_batch: int = 16,
         grace_seconds: float = 20.0,
         retry_backoff_seconds: float = 1.0,
+        commit_every_seconds: float = 1.0,
         close_timeout: float = 0.5,
         consumer_options: dict[str, Any] | None = None,
     ) -> None:
@@ -196,6 +221,7 @@ class ConsumerLoop:
         self.max_batch = max_batch
         self.grace_seconds = grace_seconds
         self.retry_backoff_seconds = retry_backoff_seconds
+        self.commit_every_seconds = commit_every_seconds
         self.close_timeout = close_timeout
         options: dict[str, Any] = {
             "enable_auto_commit": False,
@@ -218,12 +244,13 @@ class ConsumerLoop:
         )
         self.group_id = group_id
         self._processed: dict[TopicPartition, int] = {}
+        # One message at a time: what is running and done per partition (see `_Progress`).
+        self._progress: dict[TopicPartition, _Progress] = {}
         # Next offset to fetch per partition, as far as this loop has seen (for the lag gauge).
         self._position: dict[TopicPartition, int] = {}
         # Numbers the assignments; offsets processed under an earlier one are never committed.
         self._assignment = 0
         self._stopping = asyncio.Event()
-        self._semaphore = asyncio.Semaphore(concurrency)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -261,30 +288,135 @@ class ConsumerLoop:
         """Process until `request_stop()`; always commits what finished and stops the consumer."""
         stopping = asyncio.ensure_future(self._stopping.wait())
         try:
-            while not self._stopping.is_set():
-                # A fetch can block for seconds (joining the group); stopping must not wait.
-                fetch = asyncio.ensure_future(
-                    self.consumer.getmany(timeout_ms=500, max_records=self.max_batch)
-                )
-                await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                if not fetch.done():
-                    fetch.cancel()
-                    await asyncio.gather(fetch, return_exceptions=True)
-                    break
-                batches = fetch.result()
-                self._record_lag(batches)
-                if not batches:
-                    continue
-                failed = await self._process(batches, stopping, self._assignment)
-                await self.commit_processed()
-                if failed and not self._stopping.is_set():
-                    await asyncio.sleep(self.retry_backoff_seconds)
+            if self.batch_handler is not None:
+                await self._run_batches(stopping, self.batch_handler)
+            else:
+                await self._run_messages(stopping)
         finally:
             stopping.cancel()
             try:
                 await self.commit_processed()
             finally:
                 await self._close()
+
+    async def _run_batches(self, stopping: asyncio.Future[Any], handler: BatchHandler) -> None:
+        while not self._stopping.is_set():
+            # A fetch can block for seconds (joining the group); stopping must not wait.
+            fetch = asyncio.ensure_future(
+                self.consumer.getmany(timeout_ms=500, max_records=self.max_batch)
+            )
+            await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not fetch.done():
+                fetch.cancel()
+                await asyncio.gather(fetch, return_exceptions=True)
+                return
+            batches = fetch.result()
+            self._record_lag(batches)
+            if not batches:
+                continue
+            failed = await self._process_whole(batches, stopping, self._assignment, handler)
+            await self.commit_processed()
+            if failed and not self._stopping.is_set():
+                await asyncio.sleep(self.retry_backoff_seconds)
+
+    async def _run_messages(self, stopping: asyncio.Future[Any]) -> None:
+        """The one-message handler's loop: keep `concurrency` messages in hand, fetching as
+        many as have finished, and commit as they finish (see `_Progress`)."""
+        clock = asyncio.get_running_loop()
+        running: dict[asyncio.Task[bool], _Running] = {}
+        fetch: asyncio.Future[dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]] | None
+        fetch = None
+        resume_at = next_commit = 0.0
+        finished_since_commit = 0
+        try:
+            while not self._stopping.is_set():
+                free = min(self.concurrency - len(running), self.max_batch)
+                if fetch is None and free > 0 and clock.time() >= resume_at:
+                    # A fetch can block for seconds (joining the group); stopping must not wait.
+                    fetch = asyncio.ensure_future(
+                        self.consumer.getmany(timeout_ms=500, max_records=free)
+                    )
+                waiting: set[asyncio.Future[Any]] = {stopping, *running}
+                if fetch is not None:
+                    waiting.add(fetch)
+                # With no fetch and nothing running, the loop is waiting out a retry's backoff.
+                timeout = None if len(waiting) > 1 else max(resume_at - clock.time(), 0.0)
+                await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                failed = False
+                for task in [task for task in running if task.done()]:
+                    failed |= self._settle(task, running.pop(task))
+                    finished_since_commit += 1
+                if failed:
+                    # An outage (the handler raised): let it pass before fetching again.
+                    resume_at = clock.time() + self.retry_backoff_seconds
+                if fetch is not None and fetch.done():
+                    batches = fetch.result()
+                    fetch = None
+                    self._record_lag(batches)
+                    for records in batches.values():
+                        for record in records:
+                            task = asyncio.create_task(self._handle(record))
+                            running[task] = self._started(record)
+                if failed or (finished_since_commit and clock.time() >= next_commit):
+                    await self.commit_processed()
+                    finished_since_commit = 0
+                    next_commit = clock.time() + self.commit_every_seconds
+        finally:
+            if fetch is not None:
+                fetch.cancel()
+                await asyncio.gather(fetch, return_exceptions=True)
+            if running:
+                # Stopping: messages in flight get the grace period to finish.
+                await asyncio.wait(running, timeout=self.grace_seconds)
+            for task in running:
+                # Past the grace period: abandon; uncommitted messages are redelivered elsewhere.
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            for task, started in running.items():
+                self._settle(task, started)
+
+    def _started(self, record: ConsumerRecord[bytes, bytes]) -> _Running:
+        """Count a message as running (not committable) on its partition."""
+        tp = TopicPartition(record.topic, record.partition)
+        progress = self._progress.setdefault(tp, _Progress())
+        progress.running.add(record.offset)
+        return _Running(record, tp, self._assignment, progress.epoch)
+
+    def _settle(self, task: asyncio.Task[bool], started: _Running) -> bool:
+        """Account for a message whose handler ended; True if it failed (to be fetched
+        again, with every later message of its partition)."""
+        progress = self._progress.get(started.tp)
+        if (
+            started.assignment != self._assignment
+            or progress is None
+            or progress.epoch != started.epoch
+        ):
+            return False  # reassigned or fetched again meanwhile: its offset no longer counts
+        offset = started.record.offset
+        handled = not task.cancelled() and task.exception() is None
+        if handled and not task.result():
+            return False  # stopping came before its turn: left uncommitted
+        if handled:
+            progress.running.discard(offset)
+            progress.done = max(progress.done, offset + 1)
+            committable = min(progress.running, default=progress.done)
+            self._processed[started.tp] = committable
+            return False
+        if not task.cancelled():
+            log.error(
+                "message_handler_failed",
+                topic=started.tp.topic,
+                partition=started.tp.partition,
+                offset=offset,
+                error=repr(task.exception()),
+            )
+        if self._stopping.is_set() and task.cancelled():
+            return False  # abandoned past the grace period: redelivered to the next owner
+        # Later messages of the partition that are running now finish, or not, uncounted:
+        # they are delivered again after this one (idempotent handlers absorb that).
+        self._progress[started.tp] = _Progress(epoch=progress.epoch + 1, done=offset)
+        self._fetch_again(started.tp, offset)
+        return True
 
     def _record_lag(
         self, batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
@@ -323,55 +455,6 @@ class ConsumerLoop:
             # No public way to abort a join; these are aiokafka 0.14's own close steps.
             await self.consumer._fetcher.close()
             await self.consumer._client.close()
-
-    async def _process(
-        self,
-        batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
-        stopping: asyncio.Future[Any],
-        assignment: int,
-    ) -> bool:
-        """Handle a batch fetched under assignment number `assignment`; returns True when some
-        message must be fetched again."""
-        if self.batch_handler is not None:
-            return await self._process_whole(batches, stopping, assignment, self.batch_handler)
-        tasks = {
-            asyncio.create_task(self._handle(record, assignment)): record
-            for batch in batches.values()
-            for record in batch
-        }
-        everything = asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.wait({everything, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if not everything.done():
-            # Stopping: in-flight messages get the grace period to finish.
-            await asyncio.wait(tasks, timeout=self.grace_seconds)
-        done = {task for task in tasks if task.done()}
-        pending = set(tasks) - done
-        for task in pending:
-            # Past the grace period: abandon; uncommitted messages are redelivered elsewhere.
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        first_failed: dict[TopicPartition, int] = {}
-        for task, record in tasks.items():
-            tp = TopicPartition(record.topic, record.partition)
-            finished = task in done and not task.cancelled()
-            if finished and task.exception() is None and task.result():
-                continue
-            if finished and task.exception() is not None:
-                log.error(
-                    "message_handler_failed",
-                    topic=record.topic,
-                    partition=record.partition,
-                    offset=record.offset,
-                    error=repr(task.exception()),
-                )
-            first_failed[tp] = min(first_failed.get(tp, record.offset), record.offset)
-        if assignment != self._assignment:
-            return False  # reassigned meanwhile: the new owners start from committed offsets
-        for tp, offset in first_failed.items():
-            # Later messages that did finish are redelivered too, which idempotent handlers
-            # absorb.
-            self._fetch_again(tp, offset)
-        return bool(first_failed)
 
     def _fetch_again(self, tp: TopicPartition, offset: int) -> None:
         """Commit no further than `offset` on `tp` and fetch from it again."""
@@ -416,19 +499,15 @@ class ConsumerLoop:
             self._fetch_again(tp, records[0].offset)
         return failed
 
-    async def _handle(self, record: ConsumerRecord[bytes, bytes], assignment: int) -> bool:
+    async def _handle(self, record: ConsumerRecord[bytes, bytes]) -> bool:
         """Handle one message; False if stopping began before its turn came (it is left
         uncommitted, for the partition's next owner)."""
-        async with self._semaphore:
-            if self._stopping.is_set():
-                return False
-            # The handler owns retries and failure bookkeeping for bad messages; an exception
-            # escaping it is an outage (database, storage) and the message must be retried.
-            assert self.handler is not None  # noqa: S101 - the one-by-one mode has one
-            await self.handler(record)
-        if assignment == self._assignment:
-            tp = TopicPartition(record.topic, record.partition)
-            self._processed[tp] = max(self._processed.get(tp, -1), record.offset + 1)
+        if self._stopping.is_set():
+            return False
+        # The handler owns retries and failure bookkeeping for bad messages; an exception
+        # escaping it is an outage (database, storage) and the message must be retried.
+        assert self.handler is not None  # noqa: S101 - the one-by-one mode has one
+        await self.handler(record)
         return True
 
     def new_assignment(self) -> None:
@@ -438,6 +517,7 @@ class ConsumerLoop:
         them would make the next owner of a partition skip the new log's first messages."""
         self._assignment += 1
         self._processed.clear()
+        self._progress.clear()
 
     def _member(self) -> bool:
         # aiokafka has no public accessor: a coordinator that lost our membership (the group

@@ -222,6 +222,46 @@ async def test_every_message_is_processed_and_committed_so_a_new_consumer_skips_
     ]
 
 
+async def test_a_slow_message_holds_back_the_commit_but_not_the_messages_after_it(
+    bootstrap: str,
+) -> None:
+    topic, group = unique("pipeline"), unique("group")
+    partition = TopicPartition(topic, 0)
+    await ensure_topics(bootstrap, [TopicSpec(topic, 1)])
+    values = [b"m0", b"slow", *(f"m{index}".encode() for index in range(2, 12))]
+    await produce(bootstrap, topic, [(0, value) for value in values])
+    release = asyncio.Event()
+    handled: list[bytes] = []
+
+    async def handler(record: Record) -> None:
+        assert record.value is not None
+        if record.value == b"slow":
+            await release.wait()
+        handled.append(record.value)
+
+    # Two at a time: while "slow" holds one slot, the other goes through everything after it
+    # (a loop that waited for a whole fetch of 4 would stop at m3).
+    loop = consumer_loop(
+        bootstrap, topic, group, handler, concurrency=2, max_batch=4, commit_every_seconds=0.05
+    )
+    async with Running(loop):
+
+        async def the_rest_done() -> bool:
+            return len(handled) == len(values) - 1
+
+        await wait_for(the_rest_done, within=30, interval=0.05)
+        assert b"slow" not in handled
+        # Committed up to the slow message, not past it: a crash now redelivers it.
+        assert await committed(bootstrap, group, [partition]) == [1]
+        release.set()
+
+        async def all_done() -> bool:
+            return len(handled) == len(values)
+
+        await wait_for(all_done, within=30, interval=0.05)
+    assert await committed(bootstrap, group, [partition]) == [len(values)]
+
+
 async def test_a_failing_message_is_retried_not_skipped_and_the_loop_keeps_running(
     bootstrap: str,
 ) -> None:
