@@ -84,7 +84,8 @@ def load_signer(settings: StampingSettings) -> StampSigner:
 
 
 class SigningWorker:
-    """Handles one `stamping.requests` message at a time per call (the loop bounds concurrency)."""
+    """Handles one `stamping.requests` message per call; the consumer loop keeps
+    `worker_concurrency` of them running, so the next job is leased and read while one signs."""
 
     def __init__(
         self,
@@ -323,7 +324,6 @@ def create_worker_app(settings: StampingSettings | None = None) -> FastAPI:
             client_id=worker_id,
             handler=worker,
             concurrency=settings.worker_concurrency,
-            max_batch=max(2, settings.worker_concurrency * 2),
             grace_seconds=settings.worker_grace_seconds,
         )
         await loop.start_in_background()
