@@ -43,7 +43,12 @@ def async_url(url: str) -> str:
 
 
 def create_engine(
-    url: str, *, pool_size: int = 10, max_overflow: int = 0, pool_timeout: float = 10.0
+    url: str,
+    *,
+    pool_size: int = 10,
+    max_overflow: int = 0,
+    pool_timeout: float = 10.0,
+    server_settings: dict[str, str] | None = None,
 ) -> AsyncEngine:
     """An engine with a bounded pool that recycles connections the server dropped.
 
@@ -52,12 +57,14 @@ def create_engine(
     every checkout; a connection the server dropped fails once (a 503) and is replaced. No
     overflow by default: under load, overflow connections are opened and closed per request,
     and a connection costs several round trips (measured as the largest cost per purchase).
+    `server_settings`: PostgreSQL settings for every connection of the pool.
     """
     return _create_async_engine(
         async_url(url),
         pool_size=pool_size,
         max_overflow=max_overflow,
         pool_timeout=pool_timeout,
+        connect_args={"server_settings": server_settings} if server_settings else {},
     )
 
 

@@ -27,7 +27,7 @@ from aiokafka import ConsumerRecord
 from fastapi import FastAPI
 from prometheus_client import Counter, Histogram
 from pydantic import ValidationError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from services.platform.app import create_service_app
 from services.platform.blobs import BlobNotFound, BlobStore, blob_store_from_url
@@ -97,8 +97,8 @@ class SigningWorker:
         signer: StampSigner,
         worker_id: str,
     ) -> None:
-        """`single_statements`: sessions on the same pool whose every statement commits at
-        once (`create_autocommit_sessionmaker`), for the lease."""
+        """`single_statements`: sessions whose every statement commits at once
+        (`create_autocommit_sessionmaker`), for the lease (see `create_engines`)."""
         self.settings = settings
         self.sessionmaker = sessionmaker
         self.single_statements = single_statements
@@ -299,6 +299,23 @@ class SigningWorker:
             await asyncio.sleep(every)
 
 
+def create_engines(settings: StampingSettings) -> tuple[AsyncEngine, AsyncEngine]:
+    """A worker's two pools: one for outcomes, the other for leases, whose commits do not
+    wait for the disk (PostgreSQL's `synchronous_commit=off`; a lease is one of every job's
+    two commits). Should the server crash before it flushes a lease (within a fraction of a
+    second), the job is back as it was, queued or leased by the attempt before, and is
+    published again; the attempt that lost its lease cannot record an outcome, which
+    requires the lease of its attempt number, and stores no output before it records one.
+    Outcomes, with their output and message, commit durably."""
+    outcomes = create_engine(settings.database_url, pool_size=4)
+    leases = create_engine(
+        settings.database_url,
+        pool_size=max(2, settings.worker_concurrency),
+        server_settings={"synchronous_commit": "off"},
+    )
+    return outcomes, leases
+
+
 def create_worker_app(settings: StampingSettings | None = None) -> FastAPI:
     """A signing worker: a consumer loop in the lifespan, plus health and metrics over HTTP."""
     settings = settings or StampingSettings()
@@ -307,12 +324,12 @@ def create_worker_app(settings: StampingSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         signer = load_signer(settings)
-        engine = create_engine(settings.database_url, pool_size=4)
+        engine, lease_engine = create_engines(settings)
         sessionmaker = create_sessionmaker(engine)
         worker = SigningWorker(
             settings=settings,
             sessionmaker=sessionmaker,
-            single_statements=create_autocommit_sessionmaker(engine),
+            single_statements=create_autocommit_sessionmaker(lease_engine),
             blobs=blob_store_from_url(settings.blob_store_url),
             signer=signer,
             worker_id=worker_id,
@@ -345,6 +362,7 @@ def create_worker_app(settings: StampingSettings | None = None) -> FastAPI:
             with suppress(asyncio.CancelledError):
                 await beat_task
             await engine.dispose()
+            await lease_engine.dispose()
             log.info("signing_worker_stopped", worker_id=worker_id, jobs_done=worker.jobs_done)
 
     return create_service_app(

@@ -12,12 +12,13 @@ import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer
 from prometheus_client import REGISTRY
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from services.platform.db import create_engine, create_sessionmaker
 from services.stamping import repository as repo
 from services.stamping.messages import StampingFinished
 from services.stamping.models import JobStatus, OutboxMessage
+from services.stamping.worker import create_engines
 from tests.harness import ServiceStack, wait_for
 from tests.pdfs import make_pdf
 
@@ -285,3 +286,18 @@ async def test_an_outcome_is_recorded_with_its_announcement_only_by_the_lease_ho
             await session.rollback()  # the relay of this stack never sees it
     finally:
         await engine.dispose()
+
+
+@pytest.mark.workers(0)
+async def test_a_worker_leases_without_waiting_for_the_disk_and_records_outcomes_durably(
+    stack: ServiceStack,
+) -> None:
+    outcomes, leases = create_engines(stack.stamping_settings())
+    try:
+        for engine, synchronous_commit in ((outcomes, "on"), (leases, "off")):
+            async with engine.connect() as connection:
+                setting = await connection.scalar(text("SHOW synchronous_commit"))
+            assert setting == synchronous_commit
+    finally:
+        await outcomes.dispose()
+        await leases.dispose()
