@@ -1,10 +1,11 @@
 """Part two of `benchmarks.stamping`: jobs per second through the whole stack.
 
-`meterai up` without signing workers; the jobs are uploaded through the gateway, then N
-workers are started (each on a core of its own, unless asked otherwise) and the drain is timed
-from when every worker has finished a job to when 90% of the jobs are finished, by the
-finishing times the workers record in the database: nothing polls the workers meanwhile (see
-:func:`drain`).
+One `meterai up` without signing workers serves the whole part. Each drain uploads its jobs
+through the gateway, then starts N workers (each on a core of its own, unless asked otherwise)
+and times them from when every worker has finished a job to when 90% of the drain's jobs are
+finished, by the finishing times the workers record in the database: nothing polls the
+workers meanwhile (see :func:`drain`). Drains with 1 and with 2 workers alternate on the same
+stack, so that the machine's drift from minute to minute favours neither.
 """
 
 from __future__ import annotations
@@ -16,17 +17,21 @@ import re
 import statistics
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 
 import asyncpg
 import httpx
 import psutil
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from benchmarks.common import Stack, meterai_up, wait_ok
 from meterai.stack import signing_worker_argv
 from meterai.surge.cpu import SIGNING, CpuSnapshot
+from services.stamping.config import StampingSettings
 
 
 @dataclass
@@ -107,15 +112,29 @@ async def _all_workers_started(worker_urls: list[str], within: float) -> float:
     raise TimeoutError("not every worker finished a job")
 
 
-async def _finish_times(database_url: str, jobs: int, within: float) -> tuple[list[float], int]:
-    """Wait until every job has finished (a count every 0.25 s), then return when each job was
-    finished (Unix time, as the workers recorded it), in order, and how many failed."""
+async def _database_now(database_url: str) -> datetime:
+    connection = await asyncpg.connect(database_url)
+    try:
+        now: datetime = await connection.fetchval("SELECT now()")
+    finally:
+        await connection.close()
+    return now
+
+
+async def _finish_times(
+    database_url: str, jobs: int, within: float, since: datetime
+) -> tuple[list[float], int]:
+    """Wait until every job created since `since` has finished (a count every 0.25 s), then
+    return when each was finished (Unix time, as the workers recorded it), in order, and how
+    many failed."""
     deadline = time.monotonic() + within
     connection = await asyncpg.connect(database_url)
     try:
         while True:
             finished: int = await connection.fetchval(
-                "SELECT count(*) FROM stamping_jobs WHERE status IN ('done', 'failed')"
+                "SELECT count(*) FROM stamping_jobs"
+                " WHERE status IN ('done', 'failed') AND created_at >= $1",
+                since,
             )
             if finished >= jobs:
                 break
@@ -124,11 +143,30 @@ async def _finish_times(database_url: str, jobs: int, within: float) -> tuple[li
             await asyncio.sleep(0.25)
         rows = await connection.fetch(
             "SELECT extract(epoch FROM finished_at) AS at, status::text FROM stamping_jobs"
-            " WHERE status IN ('done', 'failed') ORDER BY finished_at"
+            " WHERE status IN ('done', 'failed') AND created_at >= $1 ORDER BY finished_at",
+            since,
         )
     finally:
         await connection.close()
     return [float(row["at"]) for row in rows], sum(row["status"] == "failed" for row in rows)
+
+
+async def _group_at_end(bootstrap_servers: str, topic: str, group: str) -> None:
+    """Create consumer group `group` with its offsets at the end of `topic` as it is now."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap_servers, group_id=group, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        await consumer.topics()  # the topic's partitions, by a metadata request
+        partitions = [
+            TopicPartition(topic, partition)
+            for partition in sorted(consumer.partitions_for_topic(topic) or ())
+        ]
+        consumer.assign(partitions)
+        await consumer.commit(await consumer.end_offsets(partitions))
+    finally:
+        await consumer.stop()
 
 
 def _steady_rate(finish_times: list[float], began: float) -> float:
@@ -142,12 +180,13 @@ def _steady_rate(finish_times: list[float], began: float) -> float:
 
 @contextmanager
 def _signing_workers(
-    stack: Stack, service_env: dict[str, str], count: int, pin: bool
+    stack: Stack, service_env: dict[str, str], count: int, pin: bool, group: str
 ) -> Iterator[list[str]]:
     """Start `count` signing workers on the stack, as `meterai up` would (ports 10, 11, ...
     above the gateway's, kept free by it), each pinned to a core of its own if `pin`; yields
     their addresses once they answer, and stops them afterwards. `service_env`:
-    the environment `meterai up` gives its services (its `stack.json`)."""
+    the environment `meterai up` gives its services (its `stack.json`); `group`: their
+    consumer group."""
     gateway_port = int(stack.gateway.rsplit(":", 1)[1])
     cores = sorted(os.sched_getaffinity(0))
     processes, urls = [], []
@@ -160,6 +199,7 @@ def _signing_workers(
                     **stack.env,
                     **service_env,
                     "METERAI_STAMPING_WORKER_ID": f"signer-{number + 1}",
+                    "METERAI_STAMPING_WORKER_GROUP": group,
                 },
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -178,17 +218,23 @@ def _signing_workers(
             process.wait(60)
 
 
-def drain(
-    document: bytes, workers: int, jobs: int, settings: dict[str, str], *, pin: bool = True
-) -> Drain:
-    """Upload ``jobs`` copies to a stack without signing workers, then start them and time
-    how they drain the batch.
+@dataclass
+class BenchStack:
+    """`meterai up` without signing workers, with a distributor who has paid for `jobs`
+    stamps."""
 
-    With `pin`, each worker gets a core of its own, as a pod with a limit of one CPU would:
-    a lone worker cannot spread its threads' work (hashing, compression and file I/O run
-    outside the GIL) over the core the second worker needs, and 2 workers / 1 worker then
-    measures what the shared parts (database, broker, relay) cost, not that spread."""
-    # The one distributor uploads the whole batch as fast as it can: its contract rate at the
+    stack: Stack
+    service_env: dict[str, str]  # the environment `meterai up` gives its services
+    api_key: str
+
+    @property
+    def database_url(self) -> str:
+        return self.service_env["METERAI_STAMPING_DATABASE_URL"]
+
+
+@contextmanager
+def bench_stack(jobs: int, settings: dict[str, str]) -> Iterator[BenchStack]:
+    # The one distributor uploads each batch as fast as it can: its contract rate at the
     # gateway (200 requests/s, an upload weighing 5) would refuse most of it.
     unlimited = {
         "METERAI_GATEWAY_DISTRIBUTOR_RATE_PER_SECOND": "100000",
@@ -207,47 +253,75 @@ def drain(
                 timeout=60,
             )
             bought.raise_for_status()
-        # This process's children: `meterai up` with its services and servers (PostgreSQL's
-        # backends included), and the signing workers once started.
-        started, cpu_before = time.monotonic(), CpuSnapshot.take(os.getpid())
-        asyncio.run(_upload_all(stack.gateway, api_key, document, jobs))
-        upload_seconds = time.monotonic() - started
-        upload_cpu_ms = {
-            part: 1000 * seconds / jobs
-            for part, seconds in CpuSnapshot.take(os.getpid()).since(cpu_before).items()
-        }
-        time.sleep(1)  # the relay publishes the last requests
-        database_url = info["env"]["METERAI_STAMPING_DATABASE_URL"]
-        with _signing_workers(stack, info["env"], workers, pin) as worker_urls:
-            resumed_at = time.time()
-            began = asyncio.run(_all_workers_started(worker_urls, within=120))
-            # CPU is counted from here (start-up and joining the group are behind every worker)
-            # to the end, and divided among the jobs finished meanwhile. The rest of the stack
-            # is every process of `meterai up`, PostgreSQL's backends for the workers included.
-            cpu_before, counted_from = CpuSnapshot.take(os.getpid()), time.monotonic()
-            finish_times, failed = asyncio.run(_finish_times(database_url, jobs, within=600))
-            counted = time.monotonic() - counted_from
-            cpu_after = CpuSnapshot.take(os.getpid())
-            used = cpu_after.since(cpu_before)
-            worker_cpu_used = used.pop(SIGNING, 0.0)
-            other_cpu_used = sum(used.values())
-            machine_cpu = cpu_after.machine - cpu_before.machine
-        counted_jobs = sum(1 for at in finish_times if at > began)
-        return Drain(
-            workers=workers,
-            jobs=jobs,
-            failed=failed,
-            upload_seconds=upload_seconds,
-            upload_cpu_ms=upload_cpu_ms,
-            rate=_steady_rate(finish_times, began),
-            wall_seconds=finish_times[-1] - resumed_at,
-            worker_cpu_ms=1000 * worker_cpu_used / counted_jobs,
-            other_cpu_ms_by_part={
-                part: 1000 * seconds / counted_jobs for part, seconds in used.items()
-            },
-            # This process's own polling counts as outside: a few percent of a core.
-            outside_cores=(machine_cpu - worker_cpu_used - other_cpu_used) / counted,
+        yield BenchStack(stack, info["env"], api_key)
+
+
+def drain(
+    bench: BenchStack, document: bytes, workers: int, jobs: int, *, pin: bool = True
+) -> Drain:
+    """Upload ``jobs`` copies while no signing worker runs, then start ``workers`` of them and
+    time how they drain the batch; they are stopped afterwards.
+
+    With `pin`, each worker gets a core of its own, as a pod with a limit of one CPU would:
+    a lone worker cannot spread its threads' work (hashing, compression and file I/O run
+    outside the GIL) over the core the second worker needs, and 2 workers / 1 worker then
+    measures what the shared parts (database, broker, relay) cost, not that spread."""
+    stack = bench.stack
+    since = asyncio.run(_database_now(bench.database_url))
+    # The workers of each drain are a new consumer group that starts where the requests topic
+    # ends before the uploads: they take this drain's jobs, none of an earlier one's. (Joining
+    # again a group whose members have all left has been seen to hang for minutes on the
+    # embedded broker.)
+    group = f"bench-signers-{uuid.uuid4().hex[:8]}"
+    asyncio.run(
+        _group_at_end(
+            bench.service_env["METERAI_KAFKA_BOOTSTRAP_SERVERS"],
+            StampingSettings().requests_topic,
+            group,
         )
+    )
+    # This process's children: `meterai up` with its services and servers (PostgreSQL's
+    # backends included), and the signing workers once started.
+    started, cpu_before = time.monotonic(), CpuSnapshot.take(os.getpid())
+    asyncio.run(_upload_all(stack.gateway, bench.api_key, document, jobs))
+    upload_seconds = time.monotonic() - started
+    upload_cpu_ms = {
+        part: 1000 * seconds / jobs
+        for part, seconds in CpuSnapshot.take(os.getpid()).since(cpu_before).items()
+    }
+    time.sleep(1)  # the relay publishes the last requests
+    with _signing_workers(stack, bench.service_env, workers, pin, group) as worker_urls:
+        resumed_at = time.time()
+        began = asyncio.run(_all_workers_started(worker_urls, within=120))
+        # CPU is counted from here (start-up and joining the group are behind every worker)
+        # to the end, and divided among the jobs finished meanwhile. The rest of the stack
+        # is every process of `meterai up`, PostgreSQL's backends for the workers included.
+        cpu_before, counted_from = CpuSnapshot.take(os.getpid()), time.monotonic()
+        finish_times, failed = asyncio.run(
+            _finish_times(bench.database_url, jobs, within=600, since=since)
+        )
+        counted = time.monotonic() - counted_from
+        cpu_after = CpuSnapshot.take(os.getpid())
+        used = cpu_after.since(cpu_before)
+        worker_cpu_used = used.pop(SIGNING, 0.0)
+        other_cpu_used = sum(used.values())
+        machine_cpu = cpu_after.machine - cpu_before.machine
+    counted_jobs = sum(1 for at in finish_times if at > began)
+    return Drain(
+        workers=workers,
+        jobs=jobs,
+        failed=failed,
+        upload_seconds=upload_seconds,
+        upload_cpu_ms=upload_cpu_ms,
+        rate=_steady_rate(finish_times, began),
+        wall_seconds=finish_times[-1] - resumed_at,
+        worker_cpu_ms=1000 * worker_cpu_used / counted_jobs,
+        other_cpu_ms_by_part={
+            part: 1000 * seconds / counted_jobs for part, seconds in used.items()
+        },
+        # This process's own polling counts as outside: a few percent of a core.
+        outside_cores=(machine_cpu - worker_cpu_used - other_cpu_used) / counted,
+    )
 
 
 def _by_part(cpu_ms: dict[str, float]) -> str:
@@ -261,39 +335,46 @@ def stack_part(
     print(
         f"\nThrough the stack: {jobs} uploads, then drained by the workers started after them"
         + ("; each worker on a core of its own" if pin else "")
+        + f"; {repeat} run{'s' if repeat > 1 else ''} of 1 and 2 workers on one stack"
     )
     ratios = []
-    for run in range(1, repeat + 1):
-        # The machine's speed drifts from minute to minute (by 15% here): every other run
-        # measures 2 workers first, so that a steady drift does not favour either side.
-        order = (1, 2) if run % 2 else (2, 1)
-        results = {workers: drain(document, workers, jobs, settings, pin=pin) for workers in order}
-        one, two = results[1], results[2]
-        for result in (one, two):
-            print(
-                f"  {result.workers} worker{'s' if result.workers > 1 else ' '}:"
-                f" {result.rate:6.1f} jobs/s   (ready to last {result.wall_seconds:4.1f} s;"
-                f" CPU per job: workers {result.worker_cpu_ms:4.1f} ms, rest of the stack"
-                f" {result.other_cpu_ms:3.1f} ms; busy outside the stack:"
-                f" {result.outside_cores:3.1f} cores)"
-                + (f"   FAILED {result.failed}" if result.failed else "")
-            )
-            rest = _by_part(result.other_cpu_ms_by_part)
-            print(f"            the rest of the stack per job: {rest}")
-            print(
-                f"            before that, {jobs / result.upload_seconds:5.1f} uploads/s, CPU per"
-                f" upload {result.upload_total_cpu_ms:4.1f} ms"
-                f" ({_by_part(result.upload_cpu_ms)})"
-            )
-        ratios.append(two.rate / one.rate)
-        cores = psutil.cpu_count() or 1
-        one_bound, two_bound = one.allowed_rate(cores), two.allowed_rate(cores)
-        one_live, two_live = (r.allowed_rate(cores, with_uploads=True) for r in (one, two))
-        print(
-            f"  run {run}: 2 workers / 1 worker x{ratios[-1]:.2f} (goal >= 1.8); at these CPU"
-            f" costs {cores} idle cores would allow {one_bound:.0f} and {two_bound:.0f} jobs/s,"
-            f" x{two_bound / one_bound:.2f}; with the uploads arriving meanwhile"
-            f" {one_live:.0f} and {two_live:.0f} jobs/s"
-        )
+    with bench_stack(jobs * 2 * repeat, settings) as bench:
+        for run in range(1, repeat + 1):
+            # The machine's speed drifts from minute to minute (by 15% here): every other run
+            # measures 2 workers first, so that a steady drift does not favour either side.
+            order = (1, 2) if run % 2 else (2, 1)
+            results = {workers: drain(bench, document, workers, jobs, pin=pin) for workers in order}
+            ratios.append(_report(run, results[1], results[2], jobs))
     if repeat > 1:
         print(f"  median 2 workers / 1 worker: x{statistics.median(ratios):.2f}")
+
+
+def _report(run: int, one: Drain, two: Drain, jobs: int) -> float:
+    """Print one run's figures; returns 2 workers / 1 worker."""
+    for result in (one, two):
+        print(
+            f"  {result.workers} worker{'s' if result.workers > 1 else ' '}:"
+            f" {result.rate:6.1f} jobs/s   (ready to last {result.wall_seconds:4.1f} s;"
+            f" CPU per job: workers {result.worker_cpu_ms:4.1f} ms, rest of the stack"
+            f" {result.other_cpu_ms:3.1f} ms; busy outside the stack:"
+            f" {result.outside_cores:3.1f} cores)"
+            + (f"   FAILED {result.failed}" if result.failed else "")
+        )
+        rest = _by_part(result.other_cpu_ms_by_part)
+        print(f"            the rest of the stack per job: {rest}")
+        print(
+            f"            before that, {jobs / result.upload_seconds:5.1f} uploads/s, CPU per"
+            f" upload {result.upload_total_cpu_ms:4.1f} ms"
+            f" ({_by_part(result.upload_cpu_ms)})"
+        )
+    ratio = two.rate / one.rate
+    cores = psutil.cpu_count() or 1
+    one_bound, two_bound = one.allowed_rate(cores), two.allowed_rate(cores)
+    one_live, two_live = (r.allowed_rate(cores, with_uploads=True) for r in (one, two))
+    print(
+        f"  run {run}: 2 workers / 1 worker x{ratio:.2f} (goal >= 1.8); at these CPU"
+        f" costs {cores} idle cores would allow {one_bound:.0f} and {two_bound:.0f} jobs/s,"
+        f" x{two_bound / one_bound:.2f}; with the uploads arriving meanwhile"
+        f" {one_live:.0f} and {two_live:.0f} jobs/s"
+    )
+    return ratio

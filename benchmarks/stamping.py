@@ -3,7 +3,7 @@ then jobs per second through the whole stack (gateway, Kafka, signing workers) w
 with two signing workers.
 
     python -m benchmarks.stamping [--part signer|stack|both] [--seconds 2] [--rounds 5]
-                                  [--tsa] [--jobs 1000] [--repeat 1] [--no-pin]
+                                  [--tsa] [--jobs 1000] [--repeat 3] [--no-pin]
                                   [--set NAME=VALUE]
 
 Both parts stamp the same reference document, generated here: A4, four pages of text and a
@@ -16,10 +16,11 @@ documented way (``SimpleSigner.load`` and ``PdfSigner(..., stamp_style=QRStampSt
 with a visible QR stamp in the same box), so both see the same machine load. ``--tsa`` adds a
 PAdES B-T figure with a local timestamp authority (tests/tsa.py) on the same cores.
 
-Part two (benchmarks/drain.py) runs `meterai up`, uploads ``--jobs`` copies through the
-gateway, then starts 1 (in a second run 2) signing workers and times the drain: jobs finished
-per second from when every worker has finished one (they have joined the consumer group) until
-90% of the batch is done, by the finishing times the workers record. Each
+Part two (benchmarks/drain.py) runs `meterai up` once. Each of ``--repeat`` runs uploads
+``--jobs`` copies through the gateway, then starts 1 signing worker and times the drain: jobs
+finished per second from when every worker has finished one (they have joined the consumer
+group) until 90% of the batch is done, by the finishing times the workers record; then the
+same with 2 workers (every other run 2 first), on the same stack. Each
 worker has a core of its own (as a pod limited to one CPU would; ``--no-pin`` lifts that): a
 lone worker would otherwise spread the work its threads do outside the GIL over the second
 core, and the ratio would measure that spread rather than what the shared parts cost. It
@@ -209,7 +210,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0, help="per round and signer")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--jobs", type=int, default=1000, help="uploads per stack run")
-    parser.add_argument("--repeat", type=int, default=1, help="stack runs (1 and 2 workers)")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="stack runs (1 and 2 workers each), on one stack"
+    )
     parser.add_argument("--tsa", action="store_true", help="also PAdES B-T with a local TSA")
     parser.add_argument(
         "--no-pin",
