@@ -337,10 +337,12 @@ class ConsumerLoop:
                         self.consumer.getmany(timeout_ms=500, max_records=free)
                     )
                 waiting: set[asyncio.Future[Any]] = {stopping, *running}
+                timeout = None
                 if fetch is not None:
                     waiting.add(fetch)
-                # With no fetch and nothing running, the loop is waiting out a retry's backoff.
-                timeout = None if len(waiting) > 1 else max(resume_at - clock.time(), 0.0)
+                elif free > 0:
+                    # A slot is free but a retry's backoff holds the fetch: until it ends.
+                    timeout = max(resume_at - clock.time(), 0.0)
                 await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 failed = False
                 for task in [task for task in running if task.done()]:
