@@ -5,7 +5,9 @@ through the gateway, then starts N workers (each on a core of its own, unless as
 and times them from when every worker has finished a job to when 90% of the drain's jobs are
 finished, by the finishing times the workers record in the database: nothing polls the
 workers meanwhile (see :func:`drain`). Drains with 1 and with 2 workers alternate on the same
-stack, so that the machine's drift from minute to minute favours neither.
+stack, so that the machine's drift from minute to minute favours neither; each worker has a
+core of its own, and may be limited to a share of it as a pod's CPU limit would
+(`benchmarks/cpu_quota.py`).
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import statistics
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -29,6 +31,7 @@ import psutil
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from benchmarks.common import Stack, meterai_up, wait_ok
+from benchmarks.cpu_quota import cpu_quota, cpu_quota_support
 from meterai.stack import signing_worker_argv
 from meterai.surge.cpu import SIGNING, CpuSnapshot
 from services.stamping.config import StampingSettings
@@ -37,6 +40,7 @@ from services.stamping.config import StampingSettings
 @dataclass
 class Drain:
     workers: int
+    cpus: float | None  # each worker's CPU limit; None: a core each, unlimited
     jobs: int
     failed: int
     upload_seconds: float
@@ -68,7 +72,8 @@ class Drain:
         (one core at most, as the GIL has it), and the rest of the stack needs its share, and
         so do the uploads if they keep arriving while the workers sign (a live rush)."""
         shared = self.total_cpu_ms + (self.upload_total_cpu_ms if with_uploads else 0.0)
-        return min(1000 * self.workers / self.worker_cpu_ms, 1000 * cores / shared)
+        worker_cores = self.workers * (self.cpus or 1.0)
+        return min(1000 * worker_cores / self.worker_cpu_ms, 1000 * cores / shared)
 
 
 async def _upload_all(
@@ -180,16 +185,22 @@ def _steady_rate(finish_times: list[float], began: float) -> float:
 
 @contextmanager
 def _signing_workers(
-    stack: Stack, service_env: dict[str, str], count: int, pin: bool, group: str
+    stack: Stack,
+    service_env: dict[str, str],
+    count: int,
+    pin: bool,
+    group: str,
+    cpus: float | None = None,
 ) -> Iterator[list[str]]:
     """Start `count` signing workers on the stack, as `meterai up` would (ports 10, 11, ...
-    above the gateway's, kept free by it), each pinned to a core of its own if `pin`; yields
-    their addresses once they answer, and stops them afterwards. `service_env`:
-    the environment `meterai up` gives its services (its `stack.json`); `group`: their
-    consumer group."""
+    above the gateway's, kept free by it), each pinned to a core of its own if `pin`, and
+    limited to `cpus` CPUs if given; yields their addresses once they answer, and stops them
+    afterwards. `service_env`: the environment `meterai up` gives its services (its
+    `stack.json`); `group`: their consumer group."""
     gateway_port = int(stack.gateway.rsplit(":", 1)[1])
     cores = sorted(os.sched_getaffinity(0))
     processes, urls = [], []
+    limits = ExitStack()
     try:
         for number in range(count):
             port = gateway_port + 10 + number
@@ -207,15 +218,20 @@ def _signing_workers(
             processes.append(process)
             if pin:
                 os.sched_setaffinity(process.pid, {cores[number % len(cores)]})
+            if cpus is not None:
+                limits.enter_context(cpu_quota(process.pid, cpus))
             urls.append(f"http://127.0.0.1:{port}")
         for url, process in zip(urls, processes, strict=True):
             wait_ok(f"{url}/livez", process)
         yield urls
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(60)
+        try:
+            for process in processes:
+                process.terminate()
+            for process in processes:
+                process.wait(60)
+        finally:
+            limits.close()
 
 
 @dataclass
@@ -257,7 +273,13 @@ def bench_stack(jobs: int, settings: dict[str, str]) -> Iterator[BenchStack]:
 
 
 def drain(
-    bench: BenchStack, document: bytes, workers: int, jobs: int, *, pin: bool = True
+    bench: BenchStack,
+    document: bytes,
+    workers: int,
+    jobs: int,
+    *,
+    pin: bool = True,
+    cpus: float | None = None,
 ) -> Drain:
     """Upload ``jobs`` copies while no signing worker runs, then start ``workers`` of them and
     time how they drain the batch; they are stopped afterwards.
@@ -265,7 +287,11 @@ def drain(
     With `pin`, each worker gets a core of its own, as a pod with a limit of one CPU would:
     a lone worker cannot spread its threads' work (hashing, compression and file I/O run
     outside the GIL) over the core the second worker needs, and 2 workers / 1 worker then
-    measures what the shared parts (database, broker, relay) cost, not that spread."""
+    measures what the shared parts (database, broker, relay) cost, not that spread.
+
+    With `cpus`, each worker is also limited to that many CPUs (a CFS quota, as a pod's CPU
+    limit is): below 1, the workers leave the rest of the stack room on a machine of two
+    cores, as it has on its own nodes in a deployment."""
     stack = bench.stack
     since = asyncio.run(_database_now(bench.database_url))
     # The workers of each drain are a new consumer group that starts where the requests topic
@@ -290,7 +316,7 @@ def drain(
         for part, seconds in CpuSnapshot.take(os.getpid()).since(cpu_before).items()
     }
     time.sleep(1)  # the relay publishes the last requests
-    with _signing_workers(stack, bench.service_env, workers, pin, group) as worker_urls:
+    with _signing_workers(stack, bench.service_env, workers, pin, group, cpus) as worker_urls:
         resumed_at = time.time()
         began = asyncio.run(_all_workers_started(worker_urls, within=120))
         # CPU is counted from here (start-up and joining the group are behind every worker)
@@ -309,6 +335,7 @@ def drain(
     counted_jobs = sum(1 for at in finish_times if at > began)
     return Drain(
         workers=workers,
+        cpus=cpus,
         jobs=jobs,
         failed=failed,
         upload_seconds=upload_seconds,
@@ -329,28 +356,56 @@ def _by_part(cpu_ms: dict[str, float]) -> str:
     return ", ".join(f"{part} {ms:.1f}" for part, ms in parts if ms >= 0.05)
 
 
+def _worker_cpu(cpus: float | None) -> str:
+    return "a core each" if cpus is None else f"{cpus:g} CPU each"
+
+
 def stack_part(
-    document: bytes, jobs: int, settings: dict[str, str], repeat: int, *, pin: bool = True
+    document: bytes,
+    jobs: int,
+    settings: dict[str, str],
+    repeat: int,
+    *,
+    pin: bool = True,
+    worker_cpus: Sequence[float | None] = (None,),
 ) -> None:
+    """`repeat` runs on one stack; in each, for every CPU limit of `worker_cpus` (None: a
+    core each, unlimited), a drain with 1 worker and one with 2."""
+    unsupported = cpu_quota_support()
+    if unsupported is not None and any(cpus is not None for cpus in worker_cpus):
+        print(f"\nWorkers limited in CPU: not measured, {unsupported}")
+        worker_cpus = [cpus for cpus in worker_cpus if cpus is None]
+    if not worker_cpus:
+        return
     print(
         f"\nThrough the stack: {jobs} uploads, then drained by the workers started after them"
         + ("; each worker on a core of its own" if pin else "")
+        + f", with {' and with '.join(_worker_cpu(cpus) for cpus in worker_cpus)}"
         + f"; {repeat} run{'s' if repeat > 1 else ''} of 1 and 2 workers on one stack"
     )
-    ratios = []
-    with bench_stack(jobs * 2 * repeat, settings) as bench:
+    ratios: dict[float | None, list[float]] = {cpus: [] for cpus in worker_cpus}
+    with bench_stack(jobs * 2 * len(worker_cpus) * repeat, settings) as bench:
         for run in range(1, repeat + 1):
-            # The machine's speed drifts from minute to minute (by 15% here): every other run
-            # measures 2 workers first, so that a steady drift does not favour either side.
-            order = (1, 2) if run % 2 else (2, 1)
-            results = {workers: drain(bench, document, workers, jobs, pin=pin) for workers in order}
-            ratios.append(_report(run, results[1], results[2], jobs))
+            for cpus in worker_cpus:
+                # The machine's speed drifts from minute to minute (by 15% here): every other
+                # run measures 2 workers first, so that a steady drift does not favour either.
+                order = (1, 2) if run % 2 else (2, 1)
+                results = {
+                    workers: drain(bench, document, workers, jobs, pin=pin, cpus=cpus)
+                    for workers in order
+                }
+                ratios[cpus].append(_report(run, results[1], results[2], jobs))
     if repeat > 1:
-        print(f"  median 2 workers / 1 worker: x{statistics.median(ratios):.2f}")
+        for cpus, found in ratios.items():
+            print(
+                f"  median 2 workers / 1 worker, {_worker_cpu(cpus)}:"
+                f" x{statistics.median(found):.2f}"
+            )
 
 
 def _report(run: int, one: Drain, two: Drain, jobs: int) -> float:
     """Print one run's figures; returns 2 workers / 1 worker."""
+    print(f"  run {run}, {_worker_cpu(one.cpus)}:")
     for result in (one, two):
         print(
             f"  {result.workers} worker{'s' if result.workers > 1 else ' '}:"
@@ -372,7 +427,8 @@ def _report(run: int, one: Drain, two: Drain, jobs: int) -> float:
     one_bound, two_bound = one.allowed_rate(cores), two.allowed_rate(cores)
     one_live, two_live = (r.allowed_rate(cores, with_uploads=True) for r in (one, two))
     print(
-        f"  run {run}: 2 workers / 1 worker x{ratio:.2f} (goal >= 1.8); at these CPU"
+        f"  run {run}, {_worker_cpu(one.cpus)}: 2 workers / 1 worker x{ratio:.2f} (goal >= 1.8);"
+        f" at these CPU"
         f" costs {cores} idle cores would allow {one_bound:.0f} and {two_bound:.0f} jobs/s,"
         f" x{two_bound / one_bound:.2f}; with the uploads arriving meanwhile"
         f" {one_live:.0f} and {two_live:.0f} jobs/s"

@@ -4,6 +4,7 @@ with two signing workers.
 
     python -m benchmarks.stamping [--part signer|stack|both] [--seconds 2] [--rounds 5]
                                   [--tsa] [--jobs 1000] [--repeat 3] [--no-pin]
+                                  [--worker-cpus core|CPUS ...]
                                   [--set NAME=VALUE]
 
 Both parts stamp the same reference document, generated here: A4, four pages of text and a
@@ -27,6 +28,11 @@ core, and the ratio would measure that spread rather than what the shared parts 
 also reports the CPU each job costs in the workers and in the rest of the stack, and how busy
 the machine was outside the stack meanwhile: on a 2-core machine the API, relay, inventory,
 PostgreSQL and the broker share the cores with the workers, and so does anything else running.
+So each run does it twice (``--worker-cpus``): with a whole core per worker, where 2 workers
+and the rest of the stack need more than the machine's 2 cores, and with every worker limited
+to half a CPU (a CFS quota in a cgroup of its own, as a pod's CPU limit of 500m; needs root),
+where the rest of the stack keeps the room it has on nodes of its own in a deployment and the
+ratio shows whether adding a worker adds its capacity.
 """
 
 from __future__ import annotations
@@ -204,6 +210,15 @@ def signer_part(
         )
 
 
+def _worker_cpus(value: str) -> float | None:
+    if value == "core":
+        return None
+    cpus = float(value)
+    if not 0 < cpus <= 1:
+        raise argparse.ArgumentTypeError("a worker's CPUs: more than 0, at most 1, or `core`")
+    return cpus
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("signer", "stack", "both"), default="both")
@@ -219,6 +234,15 @@ def main() -> None:
         dest="pin",
         action="store_false",
         help="let the workers' threads use any core (by default each worker has one core)",
+    )
+    parser.add_argument(
+        "--worker-cpus",
+        nargs="+",
+        type=_worker_cpus,
+        default=[None, 0.5],
+        metavar="core|CPUS",
+        help="the stack part's workers: a core each, and/or limited to CPUS each (a CFS quota,"
+        " as a pod's CPU limit; needs root); default: core 0.5",
     )
     parser.add_argument(
         "--set",
@@ -237,7 +261,9 @@ def main() -> None:
             signer_part(document, keys, args.seconds, args.rounds, args.tsa)
     if args.part in ("stack", "both"):
         settings = dict(item.split("=", 1) for item in args.set)
-        stack_part(document, args.jobs, settings, args.repeat, pin=args.pin)
+        stack_part(
+            document, args.jobs, settings, args.repeat, pin=args.pin, worker_cpus=args.worker_cpus
+        )
 
 
 if __name__ == "__main__":

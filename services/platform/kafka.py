@@ -327,7 +327,7 @@ class ConsumerLoop:
         fetch: asyncio.Future[dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]] | None
         fetch = None
         resume_at = next_commit = 0.0
-        finished_since_commit = 0
+        uncommitted = False  # a message finished since the last commit
         try:
             while not self._stopping.is_set():
                 free = min(self.concurrency - len(running), self.max_batch)
@@ -347,7 +347,7 @@ class ConsumerLoop:
                 failed = False
                 for task in [task for task in running if task.done()]:
                     failed |= self._settle(task, running.pop(task))
-                    finished_since_commit += 1
+                    uncommitted = True
                 if failed:
                     # An outage (the handler raised): let it pass before fetching again.
                     resume_at = clock.time() + self.retry_backoff_seconds
@@ -359,9 +359,9 @@ class ConsumerLoop:
                         for record in records:
                             task = asyncio.create_task(self._handle(record))
                             running[task] = self._started(record)
-                if failed or (finished_since_commit and clock.time() >= next_commit):
+                if failed or (uncommitted and clock.time() >= next_commit):
                     await self.commit_processed()
-                    finished_since_commit = 0
+                    uncommitted = False
                     next_commit = clock.time() + self.commit_every_seconds
         finally:
             if fetch is not None:
