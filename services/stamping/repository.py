@@ -10,8 +10,9 @@ from functools import cache
 from typing import Any
 
 from sqlalchemy import (
-    Executable,
     Interval,
+    Row,
+    Select,
     Update,
     bindparam,
     delete,
@@ -128,11 +129,23 @@ async def lease_job(
     recording it right now: waiting would stall this worker behind one that may be frozen;
     the row lock is what keeps another attempt from recording it meanwhile, so should that
     recording not commit, the job is published again when its lease has ended).
-    The attempt number (`attempts`) fences the outcome."""
-    row = await session.execute(
+    The attempt number (`attempts`) fences the outcome. The job returned is in no session
+    (see `_job_of`)."""
+    connection = await session.connection()
+    result = await connection.execute(
         _lease_statement(), {"job_id": job_id, "worker_id": worker_id, "lease": lease}
     )
-    return row.scalar_one_or_none()
+    return _job_of(result.first())
+
+
+def _job_of(row: Row[Any] | None) -> StampingJob | None:
+    """The job a statement returned all the columns of, as an object in no session, to read.
+
+    A signing worker's two statements per job (the lease and the outcome) run as Core
+    statements on the session's connection and come back as rows: through the ORM (an
+    ORM-enabled UPDATE, an entity loaded into the session), each cost 2.2-3.1 ms of the
+    worker's CPU on the benchmark machine, against 1.2 ms as Core, out of 16-20 ms per job."""
+    return None if row is None else StampingJob(**row._mapping)
 
 
 @cache
@@ -168,7 +181,7 @@ def _lease_statement() -> Update:
             started_at=func.coalesce(StampingJob.started_at, now),
             updated_at=now,
         )
-        .returning(StampingJob)
+        .returning(*StampingJob.__table__.c)
     )
 
 
@@ -189,8 +202,9 @@ async def finish_job(
     """Record the outcome and queue its announcement (an outbox row), in one statement, if
     this worker still holds the lease of attempt number `attempt`; None, and nothing queued,
     if it lost it. `last_error` None keeps the one recorded. The row stays locked until the
-    transaction ends."""
-    row = await session.execute(
+    transaction ends. The job returned is in no session (see `_job_of`)."""
+    connection = await session.connection()
+    result = await connection.execute(
         _finish_statement(),
         {
             "job_id": job_id,
@@ -208,11 +222,11 @@ async def finish_job(
             "headers": announce.headers,
         },
     )
-    return row.scalar_one_or_none()
+    return _job_of(result.first())
 
 
 @cache
-def _finish_statement() -> Executable:
+def _finish_statement() -> Select[Any]:
     # Built once, as the lease is.
     finished = (
         update(StampingJob)
@@ -248,11 +262,7 @@ def _finish_statement() -> Executable:
         )
         .cte("announced")
     )
-    return (
-        select(StampingJob)
-        .from_statement(select(finished).add_cte(announced))
-        .execution_options(populate_existing=True)  # the job as recorded, not as leased
-    )
+    return select(finished).add_cte(announced)  # the job as recorded
 
 
 async def retry_later(
