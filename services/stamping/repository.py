@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -11,9 +12,6 @@ from typing import Any
 
 from sqlalchemy import (
     Interval,
-    Row,
-    Select,
-    Update,
     bindparam,
     delete,
     func,
@@ -26,6 +24,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.platform.db import DriverStatement
 from services.stamping.models import (
     UNFINISHED,
     CallbackDelivery,
@@ -122,37 +121,39 @@ async def get_job(session: AsyncSession, job_id: uuid.UUID) -> StampingJob | Non
 
 
 async def lease_job(
-    session: AsyncSession, job_id: uuid.UUID, *, worker_id: str, lease: timedelta
+    connection: Any, job_id: uuid.UUID, *, worker_id: str, lease: timedelta
 ) -> StampingJob | None:
     """Take a queued job, or one whose previous worker's lease ran out; None if neither, if
     the job is waiting out a backoff, or if another transaction holds its row (a worker is
     recording it right now: waiting would stall this worker behind one that may be frozen;
     the row lock is what keeps another attempt from recording it meanwhile, so should that
     recording not commit, the job is published again when its lease has ended).
-    The attempt number (`attempts`) fences the outcome. The job returned is in no session
-    (see `_job_of`)."""
-    connection = await session.connection()
-    result = await connection.execute(
-        _lease_statement(), {"job_id": job_id, "worker_id": worker_id, "lease": lease}
+    The attempt number (`attempts`) fences the outcome.
+
+    `connection`: asyncpg's (`services.platform.db.driver_connection`), as for every
+    statement a signing worker runs per job; the job returned is in no session (see
+    `_job_of`)."""
+    statement = _lease_statement()
+    row = await connection.fetchrow(
+        statement.sql,
+        *statement.arguments({"job_id": job_id, "worker_id": worker_id, "lease": lease}),
     )
-    return _job_of(result.first())
+    return _job_of(row)
 
 
-def _job_of(row: Row[Any] | None) -> StampingJob | None:
-    """The job a statement returned all the columns of, as an object in no session, to read.
-
-    A signing worker's two statements per job (the lease and the outcome) run as Core
-    statements on the session's connection and come back as rows: through the ORM (an
-    ORM-enabled UPDATE, an entity loaded into the session), each cost 2.2-3.1 ms of the
-    worker's CPU on the benchmark machine, against 1.2 ms as Core, out of 16-20 ms per job."""
-    return None if row is None else StampingJob(**row._mapping)
+def _job_of(row: Any) -> StampingJob | None:
+    """The job an asyncpg record holds all the columns of, as an object in no session, to
+    read. A signing worker's two statements per job (the lease and the outcome) run on the
+    driver's connection (see `DriverStatement`): through an ORM session, each cost 1.7-3.1 ms
+    of the worker's CPU on the benchmark machine, out of 15-20 ms per job."""
+    if row is None:
+        return None
+    return StampingJob(**{**row, "status": JobStatus(row["status"])})
 
 
 @cache
-def _lease_statement() -> Update:
-    # Built once: a worker leases every job, and building this statement and the outcome's
-    # anew for every job (with their cache keys) was a third of a worker's CPU per job
-    # outside signing on the benchmark machine.
+def _lease_statement() -> DriverStatement:
+    # Built and compiled once: a worker leases every job.
     now = func.now()
     lease = bindparam("lease", type_=Interval())
     unlocked = (
@@ -160,7 +161,7 @@ def _lease_statement() -> Update:
         .where(StampingJob.id == bindparam("job_id"))
         .with_for_update(skip_locked=True)
     )
-    return (
+    leased = (
         update(StampingJob)
         .where(
             StampingJob.id.in_(unlocked.scalar_subquery()),
@@ -183,10 +184,11 @@ def _lease_statement() -> Update:
         )
         .returning(*StampingJob.__table__.c)
     )
+    return DriverStatement.compile(leased)
 
 
 async def finish_job(
-    session: AsyncSession,
+    connection: Any,
     job_id: uuid.UUID,
     *,
     worker_id: str,
@@ -202,32 +204,36 @@ async def finish_job(
     """Record the outcome and queue its announcement (an outbox row), in one statement, if
     this worker still holds the lease of attempt number `attempt`; None, and nothing queued,
     if it lost it. `last_error` None keeps the one recorded. The row stays locked until the
-    transaction ends. The job returned is in no session (see `_job_of`)."""
-    connection = await session.connection()
-    result = await connection.execute(
-        _finish_statement(),
-        {
-            "job_id": job_id,
-            "worker_id": worker_id,
-            "attempt": attempt,
-            "status": status,
-            "output_key": output_key,
-            "output_sha256": output_sha256,
-            "error_code": error_code,
-            "error_detail": error_detail,
-            "last_error": last_error,
-            "topic": announce.topic,
-            "key": announce.key,
-            "payload": announce.payload,
-            "headers": announce.headers,
-        },
+    transaction ends. `connection`: asyncpg's, in a transaction (as for `lease_job`); the
+    job returned is in no session."""
+    statement = _finish_statement()
+    row = await connection.fetchrow(
+        statement.sql,
+        *statement.arguments(
+            {
+                "job_id": job_id,
+                "worker_id": worker_id,
+                "attempt": attempt,
+                "status": status,
+                "output_key": output_key,
+                "output_sha256": output_sha256,
+                "error_code": error_code,
+                "error_detail": error_detail,
+                "last_error": last_error,
+                "topic": announce.topic,
+                "key": announce.key,
+                # JSON goes to the driver as text (see DriverStatement).
+                "payload": json.dumps(announce.payload),
+                "headers": json.dumps(announce.headers),
+            }
+        ),
     )
-    return _job_of(result.first())
+    return _job_of(row)
 
 
 @cache
-def _finish_statement() -> Select[Any]:
-    # Built once, as the lease is.
+def _finish_statement() -> DriverStatement:
+    # Built and compiled once, as the lease is.
     finished = (
         update(StampingJob)
         .where(*_holding(bindparam("job_id"), bindparam("worker_id"), bindparam("attempt")))
@@ -262,7 +268,7 @@ def _finish_statement() -> Select[Any]:
         )
         .cte("announced")
     )
-    return select(finished).add_cte(announced)  # the job as recorded
+    return DriverStatement.compile(select(finished).add_cte(announced))  # the job as recorded
 
 
 async def retry_later(
@@ -306,18 +312,33 @@ def _holding(job_id: Any, worker_id: Any, attempt: Any) -> tuple[Any, ...]:
     )
 
 
-async def add_dead_letter(session: AsyncSession, job: StampingJob) -> None:
-    """Record a job given up on (already `failed` with its reason), once."""
-    statement = pg_insert(DeadLetter).values(
-        job_id=job.id,
-        owner=job.owner,
-        serial=job.serial,
-        reason=job.error_code or "unknown",
-        detail=job.error_detail or "",
-        attempts=job.attempts,
-        last_error=job.last_error,
+async def add_dead_letter(connection: Any, job: StampingJob) -> None:
+    """Record a job given up on (already `failed` with its reason), once; on asyncpg's
+    connection, in the transaction that recorded the outcome (see `finish_job`)."""
+    statement = _dead_letter_statement()
+    await connection.execute(
+        statement.sql,
+        *statement.arguments(
+            {
+                "job_id": job.id,
+                "owner": job.owner,
+                "serial": job.serial,
+                "reason": job.error_code or "unknown",
+                "detail": job.error_detail or "",
+                "attempts": job.attempts,
+                "last_error": job.last_error,
+            }
+        ),
     )
-    await session.execute(statement.on_conflict_do_nothing(index_elements=[DeadLetter.job_id]))
+
+
+@cache
+def _dead_letter_statement() -> DriverStatement:
+    columns = ("job_id", "owner", "serial", "reason", "detail", "attempts", "last_error")
+    added = pg_insert(DeadLetter).values(
+        {column: bindparam(column, type_=DeadLetter.__table__.c[column].type) for column in columns}
+    )
+    return DriverStatement.compile(added.on_conflict_do_nothing(index_elements=[DeadLetter.job_id]))
 
 
 async def due_unfinished_jobs(session: AsyncSession, *, limit: int) -> list[StampingJob]:

@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
 from datetime import timedelta
 
 import structlog
@@ -27,15 +28,15 @@ from aiokafka import ConsumerRecord
 from fastapi import FastAPI
 from prometheus_client import Counter, Histogram
 from pydantic import ValidationError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.platform.app import create_service_app
 from services.platform.blobs import BlobNotFound, BlobStore, blob_store_from_url
 from services.platform.db import (
     check_database,
-    create_autocommit_sessionmaker,
     create_engine,
     create_sessionmaker,
+    driver_connection,
     transaction,
 )
 from services.platform.health import HealthChecks
@@ -91,17 +92,14 @@ class SigningWorker:
         self,
         *,
         settings: StampingSettings,
-        sessionmaker: async_sessionmaker[AsyncSession],
-        single_statements: async_sessionmaker[AsyncSession],
+        engines: WorkerEngines,
         blobs: BlobStore,
         signer: StampSigner,
         worker_id: str,
     ) -> None:
-        """`single_statements`: sessions whose every statement commits at once
-        (`create_autocommit_sessionmaker`), for the lease (see `create_engines`)."""
         self.settings = settings
-        self.sessionmaker = sessionmaker
-        self.single_statements = single_statements
+        self.engines = engines
+        self.sessionmaker = create_sessionmaker(engines.outcomes)
         self.blobs = blobs
         self.signer = signer
         self.worker_id = worker_id
@@ -132,8 +130,10 @@ class SigningWorker:
         """Lease, stamp, store and record one job; a no-op if it is finished, leased or
         waiting out a backoff."""
         # The lease is one statement: its own transaction, without BEGIN and COMMIT round trips.
-        async with transaction(self.single_statements) as session:
-            job = await repo.lease_job(session, job_id, worker_id=self.worker_id, lease=self.lease)
+        async with driver_connection(self.engines.leases) as connection:
+            job = await repo.lease_job(
+                connection, job_id, worker_id=self.worker_id, lease=self.lease
+            )
         if job is None:
             log.info("job_skipped", reason="finished, leased, or backing off")
             JOBS.labels("skipped").inc()
@@ -267,9 +267,9 @@ class SigningWorker:
         announcement = repo.Announcement(
             self.settings.results_topic, str(job.id), message.model_dump(mode="json")
         )
-        async with transaction(self.sessionmaker) as session:
+        async with driver_connection(self.engines.outcomes, begin=True) as connection:
             finished = await repo.finish_job(
-                session,
+                connection,
                 job.id,
                 worker_id=self.worker_id,
                 attempt=job.attempts,
@@ -285,7 +285,7 @@ class SigningWorker:
                     # commit fail, the next attempt overwrites it.
                     await self.blobs.put(finished.output_key, output)
                 if dead_letter:
-                    await repo.add_dead_letter(session, finished)
+                    await repo.add_dead_letter(connection, finished)
         return finished
 
     async def heartbeat(self, every: float = 5.0) -> None:
@@ -299,21 +299,34 @@ class SigningWorker:
             await asyncio.sleep(every)
 
 
-def create_engines(settings: StampingSettings) -> tuple[AsyncEngine, AsyncEngine]:
-    """A worker's two pools: one for outcomes, the other for leases, whose commits do not
-    wait for the disk (PostgreSQL's `synchronous_commit=off`; a lease is one of every job's
-    two commits). Should the server crash before it flushes a lease (within a fraction of a
-    second), the job is back as it was, queued or leased by the attempt before, and is
-    published again; the attempt that lost its lease cannot record an outcome, which
-    requires the lease of its attempt number, and stores no output before it records one.
-    Outcomes, with their output and message, commit durably."""
-    outcomes = create_engine(settings.database_url, pool_size=4)
-    leases = create_engine(
-        settings.database_url,
-        pool_size=max(2, settings.worker_concurrency),
-        server_settings={"synchronous_commit": "off"},
-    )
-    return outcomes, leases
+@dataclass(frozen=True)
+class WorkerEngines:
+    """A worker's two pools: one for outcomes (and retries, dead letters, heartbeats), the
+    other for leases, whose commits do not wait for the disk (PostgreSQL's
+    `synchronous_commit=off`; a lease is one of every job's two commits). Should the server
+    crash before it flushes a lease (within a fraction of a second), the job is back as it
+    was, queued or leased by the attempt before, and is published again; the attempt that
+    lost its lease cannot record an outcome, which requires the lease of its attempt number,
+    and stores no output before it records one. Outcomes, with their output and message,
+    commit durably."""
+
+    outcomes: AsyncEngine
+    leases: AsyncEngine
+
+    @classmethod
+    def create(cls, settings: StampingSettings) -> WorkerEngines:
+        return cls(
+            outcomes=create_engine(settings.database_url, pool_size=4),
+            leases=create_engine(
+                settings.database_url,
+                pool_size=max(2, settings.worker_concurrency),
+                server_settings={"synchronous_commit": "off"},
+            ),
+        )
+
+    async def dispose(self) -> None:
+        await self.outcomes.dispose()
+        await self.leases.dispose()
 
 
 def create_worker_app(settings: StampingSettings | None = None) -> FastAPI:
@@ -324,12 +337,10 @@ def create_worker_app(settings: StampingSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         signer = load_signer(settings)
-        engine, lease_engine = create_engines(settings)
-        sessionmaker = create_sessionmaker(engine)
+        engines = WorkerEngines.create(settings)
         worker = SigningWorker(
             settings=settings,
-            sessionmaker=sessionmaker,
-            single_statements=create_autocommit_sessionmaker(lease_engine),
+            engines=engines,
             blobs=blob_store_from_url(settings.blob_store_url),
             signer=signer,
             worker_id=worker_id,
@@ -348,7 +359,7 @@ def create_worker_app(settings: StampingSettings | None = None) -> FastAPI:
         forget_stop = on_stop_requested(loop.request_stop)
         beat_task = asyncio.create_task(worker.heartbeat(), name="heartbeat")
         health: HealthChecks = app.state.health
-        health.add("database", lambda: check_database(engine))
+        health.add("database", lambda: check_database(engines.outcomes))
         health.add("consumer", loop.check_running)
         log.info("signing_worker_started", worker_id=worker_id)
         try:
@@ -361,8 +372,7 @@ def create_worker_app(settings: StampingSettings | None = None) -> FastAPI:
             beat_task.cancel()
             with suppress(asyncio.CancelledError):
                 await beat_task
-            await engine.dispose()
-            await lease_engine.dispose()
+            await engines.dispose()
             log.info("signing_worker_stopped", worker_id=worker_id, jobs_done=worker.jobs_done)
 
     return create_service_app(

@@ -6,20 +6,22 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 from fastapi import APIRouter, FastAPI
-from sqlalchemy import select, text
+from sqlalchemy import String, bindparam, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from services.platform.db import (
     NAMING_CONVENTION,
+    DriverStatement,
     SessionDep,
     async_url,
     check_database,
-    create_autocommit_sessionmaker,
     create_engine,
     create_sessionmaker,
+    driver_connection,
     make_metadata,
     transaction,
 )
@@ -110,26 +112,87 @@ async def test_transaction_rolls_back_on_a_database_error(
     assert await texts(sessions, marker) == [f"{marker}-kept"]
 
 
-async def test_autocommit_sessions_commit_each_statement_and_leave_the_pool_transactional(
+def _add_note() -> DriverStatement:
+    return DriverStatement.compile(
+        notes.insert().values(text=bindparam("text", type_=String)).returning(notes.c.id)
+    )
+
+
+def test_a_driver_statement_takes_the_values_it_does_not_bind_itself_by_name() -> None:
+    statement = DriverStatement.compile(
+        select(notes.c.id).where(
+            notes.c.text == bindparam("text", type_=String),
+            notes.c.id > 7,
+            notes.c.text != bindparam("text", type_=String),
+        )
+    )
+    # A name used twice is one placeholder; the statement's own 7 is the other.
+    assert "$1" in statement.sql and "$2" in statement.sql and "$3" not in statement.sql
+    assert statement.arguments({"text": "a"}) == ["a", 7]
+    with pytest.raises(TypeError, match="missing values for text"):
+        statement.arguments({})
+
+
+async def test_the_driver_connection_commits_each_statement_or_one_block_pool_left_as_it_was(
     engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]
 ) -> None:
     marker = uuid.uuid4().hex
-    single_statements = create_autocommit_sessionmaker(engine)
+    added = _add_note()
     with pytest.raises(ValueError, match="half way"):
-        async with transaction(single_statements) as session:
-            await session.execute(notes.insert().values(text=f"{marker}-a"))
-            # Committed as it ran: another connection sees it while this session is open.
+        async with driver_connection(engine) as connection:
+            await connection.fetchval(added.sql, *added.arguments({"text": f"{marker}-a"}))
+            # Committed as it ran: another connection sees it while this one is out.
             assert await texts(sessions, marker) == [f"{marker}-a"]
             raise ValueError("half way")
-    # The failure after it undid nothing.
     assert await texts(sessions, marker) == [f"{marker}-a"]
-    # The same pool's connections are transactional again for everyone else.
+    # In one transaction: nothing of it is seen before it ends, all of it after.
+    async with driver_connection(engine, begin=True) as connection:
+        for suffix in ("b", "c"):
+            await connection.fetchval(added.sql, *added.arguments({"text": f"{marker}-{suffix}"}))
+        assert await texts(sessions, marker) == [f"{marker}-a"]
+    assert await texts(sessions, marker) == [f"{marker}-{x}" for x in "abc"]
+    # An error rolls the whole block back.
     with pytest.raises(ValueError, match="half way"):
-        async with transaction(sessions) as session:
-            await session.execute(notes.insert().values(text=f"{marker}-b"))
-            await session.flush()
+        async with driver_connection(engine, begin=True) as connection:
+            await connection.fetchval(added.sql, *added.arguments({"text": f"{marker}-d"}))
             raise ValueError("half way")
-    assert await texts(sessions, marker) == [f"{marker}-a"]
+    assert await texts(sessions, marker) == [f"{marker}-{x}" for x in "abc"]
+    # The pool's connections are transactional again for sessions: none opened meanwhile.
+    for _ in range(2):  # both of the pool's connections
+        with pytest.raises(ValueError, match="half way"):
+            async with transaction(sessions) as session:
+                await session.execute(notes.insert().values(text=f"{marker}-e"))
+                await session.flush()
+                raise ValueError("half way")
+    assert await texts(sessions, marker) == [f"{marker}-{x}" for x in "abc"]
+
+
+async def test_a_driver_connection_the_server_closed_is_replaced_not_handed_out_again(
+    scratch_database: str, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    lone = create_engine(scratch_database, pool_size=1)
+    try:
+        async with driver_connection(lone) as connection:
+            backend = await connection.fetchval("SELECT pg_backend_pid()")
+        # A statement the server refuses leaves the connection as good as it was: kept.
+        with pytest.raises(asyncpg.DivisionByZeroError):
+            async with driver_connection(lone, begin=True) as connection:
+                await connection.fetchval("SELECT 1 / 0")
+        async with driver_connection(lone) as connection:
+            assert await connection.fetchval("SELECT pg_backend_pid()") == backend
+        async with transaction(sessions) as session:
+            await session.execute(text(f"SELECT pg_terminate_backend({int(backend)})"))
+        # How asyncpg fails then depends on when it reads the server's farewell.
+        with pytest.raises(
+            (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+        ):
+            async with driver_connection(lone) as connection:
+                await connection.fetchval("SELECT 1")
+        # The pool's one connection was thrown away: the next one is new, and works.
+        async with driver_connection(lone) as connection:
+            assert await connection.fetchval("SELECT pg_backend_pid()") != backend
+    finally:
+        await lone.dispose()
 
 
 async def test_check_database_passes_on_a_live_server_and_fails_on_a_dead_one(

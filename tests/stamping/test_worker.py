@@ -12,13 +12,13 @@ import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer
 from prometheus_client import REGISTRY
-from sqlalchemy import select, text
+from sqlalchemy import text
 
-from services.platform.db import create_engine, create_sessionmaker
+from services.platform.db import create_engine, driver_connection
 from services.stamping import repository as repo
 from services.stamping.messages import StampingFinished
-from services.stamping.models import JobStatus, OutboxMessage
-from services.stamping.worker import create_engines
+from services.stamping.models import JobStatus
+from services.stamping.worker import WorkerEngines
 from tests.harness import ServiceStack, wait_for
 from tests.pdfs import make_pdf
 
@@ -224,11 +224,12 @@ async def test_an_outcome_is_recorded_with_its_announcement_only_by_the_lease_ho
     job_id = uuid.UUID(uploaded.json()["id"])
     engine = create_engine(stack.stamping_db, pool_size=1)
     try:
-        async with create_sessionmaker(engine)() as session:
+        async with driver_connection(engine) as connection:
             leased = await repo.lease_job(
-                session, job_id, worker_id="signer-x", lease=timedelta(minutes=1)
+                connection, job_id, worker_id="signer-x", lease=timedelta(minutes=1)
             )
             assert leased is not None
+            assert (leased.status, leased.lease_owner) == (JobStatus.signing, "signer-x")
             announcement = repo.Announcement(
                 "stamping.results.test",
                 str(job_id),
@@ -238,52 +239,56 @@ async def test_an_outcome_is_recorded_with_its_announcement_only_by_the_lease_ho
             )
 
             async def announced() -> list[Any]:
-                rows = await session.execute(
-                    select(OutboxMessage.payload).where(
-                        OutboxMessage.topic == "stamping.results.test",
-                        OutboxMessage.key == str(job_id),
-                    )
+                rows = await connection.fetch(
+                    "SELECT payload FROM outbox WHERE topic = $1 AND key = $2",
+                    "stamping.results.test",
+                    str(job_id),
                 )
-                return list(rows.scalars())
+                return [row["payload"] for row in rows]
 
-            for worker_id, attempt in (("signer-x", leased.attempts + 1), ("signer-y", 1)):
-                lost = await repo.finish_job(
-                    session,
+            # Rolled back at the end: the relay of this stack never sees it.
+            recording = connection.transaction()
+            await recording.start()
+            try:
+                for worker_id, attempt in (("signer-x", leased.attempts + 1), ("signer-y", 1)):
+                    lost = await repo.finish_job(
+                        connection,
+                        job_id,
+                        worker_id=worker_id,
+                        attempt=attempt,
+                        status=JobStatus.done,
+                        announce=announcement,
+                        output_key="outputs/x.pdf",
+                        output_sha256="ab" * 32,
+                    )
+                    assert lost is None
+                    assert await announced() == []
+                finished = await repo.finish_job(
+                    connection,
                     job_id,
-                    worker_id=worker_id,
-                    attempt=attempt,
+                    worker_id="signer-x",
+                    attempt=leased.attempts,
                     status=JobStatus.done,
                     announce=announcement,
                     output_key="outputs/x.pdf",
                     output_sha256="ab" * 32,
                 )
-                assert lost is None
-                assert await announced() == []
-            finished = await repo.finish_job(
-                session,
-                job_id,
-                worker_id="signer-x",
-                attempt=leased.attempts,
-                status=JobStatus.done,
-                announce=announcement,
-                output_key="outputs/x.pdf",
-                output_sha256="ab" * 32,
-            )
-            assert finished is not None
-            assert (finished.status, finished.output_sha256) == (JobStatus.done, "ab" * 32)
-            assert finished.finished_at is not None and finished.lease_owner is None
-            assert await announced() == [
-                {
-                    "job_id": str(job_id),
-                    "serial": leased.serial,
-                    "owner": leased.owner,
-                    "status": "done",
-                    "sha256": "ab" * 32,
-                    "error_code": None,
-                    "error_detail": None,
-                }
-            ]
-            await session.rollback()  # the relay of this stack never sees it
+                assert finished is not None
+                assert (finished.status, finished.output_sha256) == (JobStatus.done, "ab" * 32)
+                assert finished.finished_at is not None and finished.lease_owner is None
+                assert await announced() == [
+                    {
+                        "job_id": str(job_id),
+                        "serial": leased.serial,
+                        "owner": leased.owner,
+                        "status": "done",
+                        "sha256": "ab" * 32,
+                        "error_code": None,
+                        "error_detail": None,
+                    }
+                ]
+            finally:
+                await recording.rollback()
     finally:
         await engine.dispose()
 
@@ -292,12 +297,11 @@ async def test_an_outcome_is_recorded_with_its_announcement_only_by_the_lease_ho
 async def test_a_worker_leases_without_waiting_for_the_disk_and_records_outcomes_durably(
     stack: ServiceStack,
 ) -> None:
-    outcomes, leases = create_engines(stack.stamping_settings())
+    engines = WorkerEngines.create(stack.stamping_settings())
     try:
-        for engine, synchronous_commit in ((outcomes, "on"), (leases, "off")):
+        for engine, synchronous_commit in ((engines.outcomes, "on"), (engines.leases, "off")):
             async with engine.connect() as connection:
                 setting = await connection.scalar(text("SHOW synchronous_commit"))
             assert setting == synchronous_commit
     finally:
-        await outcomes.dispose()
-        await leases.dispose()
+        await engines.dispose()
