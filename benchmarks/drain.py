@@ -53,6 +53,7 @@ class Drain:
     worker_cpu_ms: float  # per job, in the signing worker processes
     other_cpu_ms_by_part: dict[str, float]  # per job, every other part of the stack
     outside_cores: float  # CPU used meanwhile by processes outside the stack, in cores
+    skipped: int  # messages for jobs finished or leased already: duplicates the workers saw
 
     @property
     def other_cpu_ms(self) -> float:
@@ -98,6 +99,16 @@ async def _upload_all(
 _FINISHED = re.compile(
     r'^meterai_signer_jobs_total\{outcome="(?:done|failed)"\} ([0-9.e+]+)$', re.M
 )
+_SKIPPED = re.compile(r'^meterai_signer_jobs_total\{outcome="skipped"\} ([0-9.e+]+)$', re.M)
+
+
+def _skipped(worker_urls: list[str]) -> int:
+    """How many messages the workers skipped: their jobs were finished or leased already."""
+    return sum(
+        int(float(value))
+        for url in worker_urls
+        for value in _SKIPPED.findall(httpx.get(f"{url}/metrics", timeout=5).text)
+    )
 
 
 async def _all_workers_started(worker_urls: list[str], within: float) -> float:
@@ -255,6 +266,10 @@ def bench_stack(jobs: int, settings: dict[str, str]) -> Iterator[BenchStack]:
     unlimited = {
         "METERAI_GATEWAY_DISTRIBUTOR_RATE_PER_SECOND": "100000",
         "METERAI_GATEWAY_DISTRIBUTOR_BURST": "100000",
+        # The batch waits for its workers longer than the relay waits before it publishes a
+        # job again (30 s, while no worker has finished a job to estimate the backlog by):
+        # the duplicates would cost a drain's workers a lease each, more the slower it is.
+        "METERAI_STAMPING_REPUBLISH_AFTER_SECONDS": "3600",
     }
     with meterai_up(workers=0, settings={**unlimited, **settings}) as stack:
         info = json.loads((stack.data_dir / "stack.json").read_text())
@@ -332,6 +347,7 @@ def drain(
         worker_cpu_used = used.pop(SIGNING, 0.0)
         other_cpu_used = sum(used.values())
         machine_cpu = cpu_after.machine - cpu_before.machine
+        skipped = _skipped(worker_urls)
     counted_jobs = sum(1 for at in finish_times if at > began)
     return Drain(
         workers=workers,
@@ -348,6 +364,7 @@ def drain(
         },
         # This process's own polling counts as outside: a few percent of a core.
         outside_cores=(machine_cpu - worker_cpu_used - other_cpu_used) / counted,
+        skipped=skipped,
     )
 
 
@@ -414,6 +431,7 @@ def _report(run: int, one: Drain, two: Drain, jobs: int) -> float:
             f" {result.other_cpu_ms:3.1f} ms; busy outside the stack:"
             f" {result.outside_cores:3.1f} cores)"
             + (f"   FAILED {result.failed}" if result.failed else "")
+            + (f"   {result.skipped} duplicate messages skipped" if result.skipped else "")
         )
         rest = _by_part(result.other_cpu_ms_by_part)
         print(f"            the rest of the stack per job: {rest}")
