@@ -29,6 +29,7 @@ import asyncpg
 import httpx
 import psutil
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.common import Stack, meterai_up, wait_ok
 from benchmarks.cpu_quota import cpu_quota, cpu_quota_support
@@ -96,18 +97,22 @@ async def _upload_all(
         await asyncio.gather(*(uploader(client) for _ in range(concurrency)))
 
 
-_FINISHED = re.compile(
-    r'^meterai_signer_jobs_total\{outcome="(?:done|failed)"\} ([0-9.e+]+)$', re.M
-)
-_SKIPPED = re.compile(r'^meterai_signer_jobs_total\{outcome="skipped"\} ([0-9.e+]+)$', re.M)
+def _jobs_by_outcome(metrics: str) -> dict[str, float]:
+    """A worker's `meterai_signer_jobs_total` by outcome, from its `/metrics` text."""
+    return {
+        sample.labels["outcome"]: sample.value
+        for family in text_string_to_metric_families(metrics)
+        if family.name == "meterai_signer_jobs"
+        for sample in family.samples
+        if sample.name == "meterai_signer_jobs_total"
+    }
 
 
 def _skipped(worker_urls: list[str]) -> int:
     """How many messages the workers skipped: their jobs were finished or leased already."""
     return sum(
-        int(float(value))
+        int(_jobs_by_outcome(httpx.get(f"{url}/metrics", timeout=5).text).get("skipped", 0))
         for url in worker_urls
-        for value in _SKIPPED.findall(httpx.get(f"{url}/metrics", timeout=5).text)
     )
 
 
@@ -120,8 +125,8 @@ async def _all_workers_started(worker_urls: list[str], within: float) -> float:
         while time.monotonic() < deadline:
             counts = []
             for url in worker_urls:
-                metrics = (await client.get(f"{url}/metrics")).text
-                counts.append(sum(float(value) for value in _FINISHED.findall(metrics)))
+                jobs = _jobs_by_outcome((await client.get(f"{url}/metrics")).text)
+                counts.append(jobs.get("done", 0) + jobs.get("failed", 0))
             if min(counts) > 0:
                 return time.time()
             await asyncio.sleep(0.05)

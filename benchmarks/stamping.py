@@ -162,8 +162,8 @@ def pdfsig_verdict(pdf: bytes) -> str:
 
 
 REFERENCE_RSA_SIGN_MS = 0.24
-"""OpenSSL's RSA-2048 signature on the machine where the goal of 150 stamps/s was set
-(docs of the project's brief, references.md)."""
+"""OpenSSL's RSA-2048 signature on the machine where the goal of 150 stamps/s was set (as
+the brief's references.md measured it)."""
 
 
 def rsa_sign_ms(keys: SigningKeyPaths, seconds: float = 1.0) -> float:

@@ -128,10 +128,10 @@ class DriverStatement:
     def arguments(self, values: Mapping[str, Any]) -> list[Any]:
         """The positional arguments for ``values`` by name (every parameter the statement
         does not bind itself is required)."""
-        missing = [name for name in self.names if name not in values and name not in self.constants]
-        if missing:
-            raise TypeError(f"missing values for {', '.join(missing)}")
-        return [values[name] if name in values else self.constants[name] for name in self.names]
+        try:
+            return [values[name] if name in values else self.constants[name] for name in self.names]
+        except KeyError as exc:
+            raise TypeError(f"missing values for {exc.args[0]}") from None
 
 
 @asynccontextmanager
